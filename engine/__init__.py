@@ -1,0 +1,51 @@
+"""Public API for plugin authors.
+
+    from pyramidkd.engine import hookimpl, Loss, Scheme, Model, Dataset, Logger
+
+Implement hooks from :mod:`pyramidkd.engine.hookspecs` and return component
+classes derived from the bases below.
+"""
+
+from .components import (
+    CheckpointFile,
+    Component,
+    ComponentSpec,
+    DataSplits,
+    Dataset,
+    DatasetContext,
+    Logger,
+    Loss,
+    Model,
+    ModelOutput,
+    NoParams,
+    Scheme,
+    StageOutput,
+    StagePlan,
+)
+from .errors import CheckpointError, DatasetError, PluginError, RecipeError, RunDirectoryError, UserError
+from .hookspecs import hookimpl, hookspec
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointFile",
+    "Component",
+    "ComponentSpec",
+    "DataSplits",
+    "Dataset",
+    "DatasetContext",
+    "DatasetError",
+    "Logger",
+    "Loss",
+    "Model",
+    "ModelOutput",
+    "NoParams",
+    "PluginError",
+    "RecipeError",
+    "RunDirectoryError",
+    "Scheme",
+    "StageOutput",
+    "StagePlan",
+    "UserError",
+    "hookimpl",
+    "hookspec",
+]

@@ -1,0 +1,125 @@
+"""The ``pyramidkd`` command line.
+
+Exit codes: 0 ok, 1 bad input (a short message naming file, key and fix; the
+traceback only with ``--debug``), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from .errors import UserError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
+
+
+def _version() -> str:
+    from pyramidkd import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyramidkd",
+        description="Knowledge-distillation experiments (Pyramid VGG19 -> SVGG compression) from one TOML recipe.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyramidkd {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("recipe", metavar="RECIPE", help="a .toml recipe, e.g. recipes/quickstart.toml")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sub
+
+    run = recipe_command("run", "run a recipe")
+    run.add_argument("--output", "-o", metavar="DIR", help="run directory (default: runs/<experiment>-<time>)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or epoch lines (CI)")
+    run.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist in DIR")
+    recipe_command("validate", "check a recipe and its plugins without training")
+
+    models = commands.add_parser("models", help="list every registered model with its parameters and MACs")
+    models.add_argument("--num-classes", type=int, default=10, metavar="C")
+    models.add_argument("--image-size", type=int, default=96, metavar="S")
+    models.add_argument("--width", type=float, default=1.0, metavar="W", help="channel multiplier for models that take one")
+    models.add_argument("--json", action="store_true", help="a JSON list of {name, params, macs, ...}")
+    models.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    plugins = commands.add_parser("plugins", help="list plugins and the components they provide")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="pyramidkd: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args) -> int:
+    from .runner import run_recipe
+
+    run_recipe(args.recipe, args.overrides, output=args.output, quiet=args.quiet, force=args.force)
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from .runner import dataset_context, prepare
+
+    prepared = prepare(args.recipe, args.overrides)
+    prepared.dataset.instantiate().check(dataset_context(prepared.recipe))
+    print(f"{args.recipe}: ok — {len(prepared.stages)} stage(s): {', '.join(s.id for s in prepared.stages)}")
+    for stage in prepared.stages:
+        teachers = ", ".join(getattr(t, "stage_id", None) or getattr(t, "path", "?") for t in stage.teachers) or "-"
+        print(f"  {stage.id}: model {stage.model.name}, loss {stage.loss.name}, teacher {teachers}, {stage.train.epochs} epochs")
+    return EXIT_OK
+
+
+def cmd_plugins(args) -> int:
+    from .host import make_plugin_host, plugin_listing
+
+    rows = plugin_listing(make_plugin_host())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        version = f" {row['version']}" if row["version"] else ""
+        print(f"{row['name']}  [{row['source']}: {row['distribution']}{version}]")
+        for kind, names in row["components"].items():
+            print(f"    {kind}: {', '.join(names)}")
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    from .modelinfo import models_command
+
+    return models_command(args)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "models": cmd_models}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Base classes for everything a plugin can provide.
+
+A component class sets ``name`` (what recipes use) and optionally ``Params``, an
+attrs class whose fields are the component's recipe keys; the host validates the
+recipe section against it (unknown keys, types, ranges) before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import attrs
+import torch
+from torch import nn
+
+
+@attrs.define
+class NoParams:
+    """Parameters of a component that takes none."""
+
+
+class Component:
+    """Common base: a named, parameterised piece of an experiment."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: Any = None):
+        self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line for listings: ``description`` or the docstring's first line."""
+        if cls.description:
+            return cls.description
+        lines = (cls.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else ""
+
+
+# --- data -------------------------------------------------------------------
+
+
+@attrs.define
+class DataSplits:
+    """What a dataset plugin hands to the runner."""
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    class_names: list[str] = attrs.field(factory=list)
+
+
+@attrs.define
+class DatasetContext:
+    """Where a dataset loads from and how it is seeded."""
+
+    seed: int
+    recipe_dir: str
+    cache_dir: str
+
+    def resolve_path(self, path: str) -> str:
+        """Resolve a recipe path relative to the recipe's folder (``~`` expanded)."""
+        import os
+
+        path = os.path.expanduser(path)
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.recipe_dir, path))
+
+
+class Dataset(Component):
+    """Provides train/validation/test splits of images and labels."""
+
+    kind: ClassVar[str] = "dataset"
+
+    def load(self, context: DatasetContext) -> DataSplits:
+        raise NotImplementedError
+
+    def check(self, context: DatasetContext) -> None:
+        """Cheap check for ``pyramidkd validate`` (e.g. files exist); raise DatasetError."""
+
+
+# --- models -----------------------------------------------------------------
+
+
+class Model(Component):
+    """Builds an ``nn.Module`` mapping images [N, C, H, W] to logits [N, classes]."""
+
+    kind: ClassVar[str] = "model"
+
+    def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+        raise NotImplementedError
+
+
+@attrs.define
+class ModelOutput:
+    """A forward pass: logits plus any tapped intermediate tensors (by tap name)."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+
+# --- losses -----------------------------------------------------------------
+
+
+class Loss(Component, nn.Module):
+    """A training objective: ``forward(student, teachers, targets) -> scalar``.
+
+    ``teachers`` is a (possibly empty) sequence of :class:`ModelOutput` computed
+    without gradients; ``needs_teacher`` tells schemes whether one is required.
+    """
+
+    kind: ClassVar[str] = "loss"
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, params: Any = None):
+        nn.Module.__init__(self)
+        Component.__init__(self, params)
+
+    def setup(self, student: ModelOutput, teachers: Sequence[ModelOutput]) -> None:
+        """Called once per stage, before the optimiser is built, with the outputs of
+        one training batch (no grad); create shape-dependent parameters here (e.g. a
+        FitNet regressor). Only called when a subclass overrides it."""
+
+    def forward(self, student: ModelOutput, teachers: Sequence[ModelOutput], targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# --- loggers ----------------------------------------------------------------
+
+
+class Logger(Component):
+    """Receives lifecycle hooks for one run (implement them with ``@hookimpl``)."""
+
+    kind: ClassVar[str] = "logger"
+
+
+# --- schemes and the stages they plan --------------------------------------
+
+
+@attrs.define(frozen=True)
+class ComponentSpec:
+    """A validated component choice: the class, its parameters, its recipe key."""
+
+    cls: type
+    params: Any
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    def instantiate(self):
+        return self.cls(self.params)
+
+    def as_dict(self) -> dict:
+        return {"name": self.cls.name, **attrs.asdict(self.params)}
+
+
+@attrs.define(frozen=True)
+class StageOutput:
+    """A model produced by an earlier stage of the same run (its best checkpoint)."""
+
+    stage_id: str
+
+
+@attrs.define(frozen=True)
+class CheckpointFile:
+    """A model stored in a checkpoint file outside the run (self-describing)."""
+
+    path: str
+    key: str = ""
+
+
+ModelSource = StageOutput | CheckpointFile
+
+
+@attrs.define
+class StagePlan:
+    """One training stage, as a scheme planned it; the host runs all stages alike."""
+
+    id: str
+    model: ComponentSpec
+    loss: ComponentSpec
+    train: Any  # engine.recipe.TrainSection
+    teachers: list = attrs.field(factory=list)  # list[ModelSource]
+    init_from: ModelSource | None = None
+    # Parameter-name prefixes that train (None: all). Pyramid stage 1 trains only
+    # the layers up to the compressed block.
+    trainable: list[str] | None = None
+    # Tap name -> module path ("features.12"; "features.12:input" taps the input).
+    student_taps: dict[str, str] = attrs.field(factory=dict)
+    teacher_taps: dict[str, str] = attrs.field(factory=dict)
+    # Which checkpoint is "best": highest val accuracy, lowest val loss (the stage's
+    # own loss, for feature-matching stages), or simply the last epoch.
+    select: str = "val_acc"
+    entry_id: str = ""
+    info: dict = attrs.field(factory=dict)
+
+
+class Scheme(Component):
+    """Plans the stages of one ``[[stages]]`` entry of a recipe."""
+
+    kind: ClassVar[str] = "scheme"
+
+    def plan(self, entry, context) -> list[StagePlan]:
+        """Return the stages for ``entry`` (an :class:`~pyramidkd.engine.recipe.StageEntry`);
+        ``context`` (:class:`~pyramidkd.engine.planning.PlanContext`) resolves
+        references to earlier stages and checkpoint files with clear errors."""
+        raise NotImplementedError
+
+
+COMPONENT_KINDS: dict[str, type[Component]] = {
+    "scheme": Scheme,
+    "loss": Loss,
+    "dataset": Dataset,
+    "model": Model,
+    "logger": Logger,
+}

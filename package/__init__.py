@@ -1,0 +1,8 @@
+"""pyramidkd: a plugin-based knowledge-distillation engine for compressing CNNs."""
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("pyramidkd")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,13 @@
+"""Built-in plugins. They use exactly the public hooks third-party plugins use;
+the host registers these modules first, in this order."""
+
+BUILTIN_PLUGINS = (
+    "pyramidkd.plugins.schemes.basic",
+    "pyramidkd.plugins.losses.classification",
+    "pyramidkd.plugins.losses.distillation",
+    "pyramidkd.plugins.models.vgg",
+    "pyramidkd.plugins.datasets.digits",
+    "pyramidkd.plugins.datasets.synthetic",
+    "pyramidkd.plugins.loggers.console",
+    "pyramidkd.plugins.loggers.files",
+)

@@ -1,0 +1,37 @@
+"""``files``: ``metrics.jsonl`` (one object per record) and ``metrics.csv``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from pyramidkd.engine import Logger, hookimpl
+
+CSV_COLUMNS = [
+    "kind", "stage", "entry", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "stage_val_loss",
+    "best_val_acc", "best_epoch", "lr", "test_acc", "test_loss", "epoch_time_s",
+]
+
+
+class FilesLogger(Logger):
+    """Metrics as JSON lines and CSV in the run directory."""
+
+    name = "files"
+
+    @hookimpl
+    def pyramidkd_metrics(self, run, stage, record):
+        with open(run.directory.file("metrics.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        path = run.directory.file("metrics.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in CSV_COLUMNS})
+
+
+@hookimpl
+def pyramidkd_register_loggers():
+    return [FilesLogger]

@@ -1,0 +1,1 @@
+"""Built-in training schemes (stage planners)."""

@@ -1,0 +1,57 @@
+"""``scratch`` (cross-entropy only) and ``kd`` (one teacher -> one student)."""
+
+from __future__ import annotations
+
+import attrs
+
+from pyramidkd.engine import Scheme, StagePlan, hookimpl
+
+
+@attrs.define
+class ScratchParams:
+    init_from: str = attrs.field(default="", metadata={"help": "a stage id or .pt file whose matching layers initialise the model"})
+
+
+class ScratchScheme(Scheme):
+    """Train one model with its loss (default ``ce``) and no teacher."""
+
+    name = "scratch"
+    Params = ScratchParams
+
+    def plan(self, entry, context):
+        loss = entry.loss or context.component("loss", "ce", key=f"{entry.key}.loss")
+        init = context.model_source(self.params.init_from, f"{entry.key}.scheme.init_from") if self.params.init_from else None
+        return [StagePlan(id=entry.id, model=entry.require_model(), loss=loss, train=context.train(entry), init_from=init)]
+
+
+@attrs.define
+class KDParams:
+    teacher: str = attrs.field(metadata={"help": 'an earlier stage id, e.g. "teacher", or a checkpoint file (.pt)'})
+    init_from: str = attrs.field(default="", metadata={"help": "a stage id or .pt file whose matching layers initialise the student"})
+
+
+class KDScheme(Scheme):
+    """Distil one teacher into one student (loss default ``kd``: Hinton KD + CE)."""
+
+    name = "kd"
+    Params = KDParams
+
+    def plan(self, entry, context):
+        teacher = context.model_source(self.params.teacher, f"{entry.key}.scheme.teacher")
+        loss = entry.loss or context.component("loss", "kd", key=f"{entry.key}.loss")
+        init = context.model_source(self.params.init_from, f"{entry.key}.scheme.init_from") if self.params.init_from else None
+        return [
+            StagePlan(
+                id=entry.id,
+                model=entry.require_model(),
+                loss=loss,
+                train=context.train(entry),
+                teachers=[teacher],
+                init_from=init,
+            )
+        ]
+
+
+@hookimpl
+def pyramidkd_register_schemes():
+    return [ScratchScheme, KDScheme]
