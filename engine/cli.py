@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = recipe_command("run", "run a recipe")
     run.add_argument("--output", "-o", metavar="DIR", help="run directory (default: runs/<experiment>-<time>)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or epoch lines (CI)")
-    run.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist in DIR")
+    run.add_argument("--resume", action="store_true", help="continue the run in DIR from its last completed step")
+    run.add_argument("--force", action="store_true",
+                     help="recompute every stage in DIR; with --resume: accept a changed recipe")
     recipe_command("validate", "check a recipe and its plugins without training")
 
     models = commands.add_parser("models", help="list every registered model with its parameters and MACs")
@@ -59,18 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("pyramidkd")
+    if not any(isinstance(h, _CurrentStderrHandler) for h in logger.handlers):
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("pyramidkd: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="pyramidkd: %(message)s", stream=sys.stderr)
+    _configure_logging()
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
+        from .stage import RunInterrupted
+
         if args.debug:
             traceback.print_exc()
+        if isinstance(error, RunInterrupted):
+            print(f"stopped: {error}", file=sys.stderr)
+            return error.exit_code
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -81,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from .runner import run_recipe
 
-    run_recipe(args.recipe, args.overrides, output=args.output, quiet=args.quiet, force=args.force)
+    run_recipe(args.recipe, args.overrides, output=args.output, quiet=args.quiet, force=args.force, resume=args.resume)
     return EXIT_OK
 
 

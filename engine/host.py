@@ -20,7 +20,7 @@ import pluggy
 
 from . import hookspecs
 from .components import COMPONENT_KINDS, Component
-from .errors import PluginError, RecipeError
+from .errors import PluginError, RecipeError, UserError
 
 ENTRY_POINT_GROUP = "pyramidkd"
 DISABLE_AUTOLOAD_ENV = "PYRAMIDKD_DISABLE_PLUGIN_AUTOLOAD"
@@ -123,6 +123,27 @@ class PluginHost:
     def hook(self):
         return self.pm.hook
 
+    def call(self, hook_name: str, on_error=None, **kwargs) -> None:
+        """Call a lifecycle hook. An exception from a plugin becomes a
+        :class:`PluginHookError` naming the plugin and the hook; ``on_error`` runs
+        first (the runner saves its state there)."""
+        caller = getattr(self.pm.hook, hook_name)
+        try:
+            caller(**kwargs)
+        except UserError:
+            if on_error is not None:
+                on_error()
+            raise
+        except Exception as error:
+            if on_error is not None:
+                on_error()
+            plugin = _raising_plugin(caller, error)
+            raise PluginHookError(
+                f"plugin {plugin!r} raised in {hook_name}: {type(error).__name__}: {error}",
+                fix=f"fix or disable the plugin {plugin!r} (run with --debug for the traceback); "
+                "the run state was saved, continue with --resume",
+            ) from error
+
     def register_run_plugin(self, plugin: object, name: str) -> None:
         """Register a per-run plugin (a logger instance) and re-check the hooks."""
         try:
@@ -130,6 +151,27 @@ class PluginHost:
             self.pm.check_pending()
         except pluggy.PluginValidationError as error:
             raise PluginError(f"plugin {name!r} is invalid: {error}", fix="check its hook names against `pyramidkd plugins`") from error
+
+
+class PluginHookError(PluginError):
+    """A plugin raised inside a lifecycle hook."""
+
+
+def _raising_plugin(caller, error: BaseException) -> str:
+    """The plugin whose hook implementation is on the exception's traceback."""
+    codes = {}
+    for impl in caller.get_hookimpls():
+        function = getattr(impl.function, "__func__", impl.function)
+        code = getattr(function, "__code__", None)
+        if code is not None:
+            codes[code] = impl.plugin_name
+    traceback = error.__traceback__
+    while traceback is not None:
+        name = codes.get(traceback.tb_frame.f_code)
+        if name is not None:
+            return name
+        traceback = traceback.tb_next
+    return "unknown"
 
 
 def builtin_plugin_modules() -> list[str]:

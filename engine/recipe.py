@@ -59,6 +59,7 @@ class TrainSection:
     eval_batch_size: int = attrs.field(default=256, validator=positive)
     num_workers: int = attrs.field(default=0, validator=non_negative)
     grad_clip: float = attrs.field(default=0.0, validator=non_negative, metadata={"help": "max gradient norm; 0 = off"})
+    on_nan: Literal["stop", "skip-batch"] = attrs.field(default="stop", metadata={"help": "what a non-finite loss does"})
     optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
     scheduler: SchedulerSection = attrs.field(factory=SchedulerSection)
 

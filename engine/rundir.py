@@ -7,8 +7,13 @@ under its final name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
+import difflib
 import json
+import logging
 import os
 import platform
 import socket
@@ -22,6 +27,9 @@ import torch
 
 from .errors import CheckpointError, RunDirectoryError
 
+log = logging.getLogger("pyramidkd")
+
+LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.toml"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
@@ -29,21 +37,33 @@ CHECKPOINT_FORMAT = "pyramidkd-checkpoint"
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that ``path`` is either the old or the new
+    file, never a partial one; a write error (disk full, read-only) is reported
+    with the path and leaves the previous file in place."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    temporary = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
+            _write_all(handle, payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+        temporary = None
+    except OSError as error:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise RunDirectoryError(
+            f"cannot write {os.path.basename(path)}: {reason}; the previous version (if any) is intact",
+            file=path,
+            fix="free disk space or choose a writable --output, then continue with --resume",
+        ) from error
+    finally:
+        if temporary is not None:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
     try:  # make the rename itself durable
         directory = os.open(folder, os.O_RDONLY)
         try:
@@ -52,6 +72,10 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
             os.close(directory)
     except OSError:
         pass
+
+
+def _write_all(handle, payload: bytes) -> None:
+    handle.write(payload)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -121,37 +145,85 @@ class RunDirectory:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
 
-    def prepare(self, recipe_text: str) -> bool:
+    def prepare(self, recipe_text: str, *, resume: bool = False, force: bool = False) -> bool:
         """Create the folder, or accept it if it holds the same recipe.
 
-        Returns True when the folder already held this run (completed stages are
-        then reused). Refuses a folder holding anything else.
+        Returns True when the folder already held this run (its completed stages
+        are then reused). A folder holding anything else is refused; a changed
+        recipe is refused with a diff unless ``force``.
         """
         stored = self.file(RECIPE_FILE)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise RunDirectoryError("exists and is not a folder", file=self.path, fix="choose another --output")
-        if os.path.isdir(self.path) and os.listdir(self.path):
-            if not os.path.exists(stored):
-                raise RunDirectoryError(
-                    "the output folder is not empty and holds no pyramidkd run",
-                    file=self.path,
-                    fix="choose another --output, or empty that folder",
-                )
+        existing = os.path.isdir(self.path) and os.path.exists(stored)
+        if resume and not existing:
+            raise RunDirectoryError("there is no run to resume here (no recipe.toml)", file=self.path,
+                                    fix="check --output, or drop --resume to start a new run")
+        if os.path.isdir(self.path) and _entries(self.path) and not existing:
+            raise RunDirectoryError(
+                "the output folder is not empty and holds no pyramidkd run",
+                file=self.path,
+                fix="choose another --output, or empty that folder",
+            )
+        if existing:
             with open(stored, encoding="utf-8") as handle:
                 previous = handle.read()
+            if previous != recipe_text and not force:
+                diff = "".join(difflib.unified_diff(previous.splitlines(True), recipe_text.splitlines(True), "stored recipe.toml", "this recipe", n=0))
+                if resume:
+                    message = f"the recipe differs from the one this run was started with:\n{diff}"
+                    fix = "resume with the same recipe and --set values, or add --force to continue with the changed recipe"
+                else:
+                    message = f"the output folder holds a different run (its recipe.toml differs from this recipe with its --set overrides):\n{diff}"
+                    fix = "choose another --output, or repeat the same recipe and overrides to continue that run (--force overwrites it)"
+                raise RunDirectoryError(message.rstrip(), file=self.path, fix=fix)
             if previous != recipe_text:
-                raise RunDirectoryError(
-                    "the output folder holds a different run (its recipe.toml differs from this recipe with its --set overrides)",
-                    file=self.path,
-                    fix="choose another --output, or repeat the same recipe and overrides to continue that run",
-                )
+                atomic_write_text(stored, recipe_text)
             return True
         try:
             os.makedirs(self.path, exist_ok=True)
-            atomic_write_text(stored, recipe_text)
         except OSError as error:
-            raise RunDirectoryError(f"cannot write the output folder: {error.strerror}", file=self.path, fix="choose a writable --output") from error
+            raise RunDirectoryError(f"cannot create the output folder: {error.strerror}", file=self.path, fix="choose a writable --output") from error
+        atomic_write_text(stored, recipe_text)
         return False
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``.lock`` (an flock, released by the kernel if the process dies, so a
+        stale lock from a dead process is simply taken over)."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            handle = open(self.file(LOCK_FILE), "a+", encoding="utf-8")
+        except OSError as error:
+            raise RunDirectoryError(f"cannot use the output folder: {error.strerror}", file=self.path, fix="choose a writable --output") from error
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise RunDirectoryError(
+                    f"another run is writing this folder ({owner})",
+                    file=self.path,
+                    fix="wait for it to finish, stop it, or choose another --output",
+                ) from None
+            handle.seek(0)
+            stale = handle.read().strip()
+            if stale:
+                log.info("taking over a stale lock (%s, no longer running)", stale)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            try:
+                yield self
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        finally:
+            handle.close()
 
     def write_manifest(self, *, seed: int, device: str, recipe_file: str, started: float, finished: float | None, argv: list[str]) -> None:
         from pyramidkd import __version__
@@ -171,6 +243,10 @@ class RunDirectory:
             "finished": _iso(finished) if finished else None,
         }
         atomic_write_json(self.file(MANIFEST_FILE), manifest)
+
+
+def _entries(path: str) -> list[str]:
+    return [name for name in os.listdir(path) if name != LOCK_FILE]
 
 
 def _iso(timestamp: float) -> str:

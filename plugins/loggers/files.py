@@ -15,9 +15,34 @@ CSV_COLUMNS = [
 
 
 class FilesLogger(Logger):
-    """Metrics as JSON lines and CSV in the run directory."""
+    """Metrics as JSON lines and CSV in the run directory.
+
+    When a run continues in its folder, the files are rewritten to hold the
+    records of the stages it reuses plus the resumed stage's history, so they
+    read exactly as after an uninterrupted run.
+    """
 
     name = "files"
+
+    @hookimpl
+    def pyramidkd_run_start(self, run):
+        path = run.directory.file("metrics.jsonl")
+        kept = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a crash
+                        continue
+                    if record.get("stage") in run.completed:
+                        kept.append(record)
+        kept += run.resume_history
+        for name in ("metrics.jsonl", "metrics.csv"):
+            if os.path.exists(run.directory.file(name)):
+                os.unlink(run.directory.file(name))
+        for record in kept:
+            self.pyramidkd_metrics(run, None, record)
 
     @hookimpl
     def pyramidkd_metrics(self, run, stage, record):
