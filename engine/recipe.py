@@ -60,6 +60,12 @@ class TrainSection:
     num_workers: int = attrs.field(default=0, validator=non_negative)
     grad_clip: float = attrs.field(default=0.0, validator=non_negative, metadata={"help": "max gradient norm; 0 = off"})
     on_nan: Literal["stop", "skip-batch"] = attrs.field(default="stop", metadata={"help": "what a non-finite loss does"})
+    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(default="fp32", metadata={"help": "autocast precision (fp16 uses a GradScaler)"})
+    channels_last: bool = False
+    compile: bool = attrs.field(default=False, metadata={"help": "torch.compile the student and teacher forward"})
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "batches each worker loads ahead"})
     optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
     scheduler: SchedulerSection = attrs.field(factory=SchedulerSection)
 

@@ -225,7 +225,8 @@ class RunDirectory:
         finally:
             handle.close()
 
-    def write_manifest(self, *, seed: int, device: str, recipe_file: str, started: float, finished: float | None, argv: list[str]) -> None:
+    def write_manifest(self, *, seed: int, device: str, recipe_file: str, started: float, finished: float | None, argv: list[str],
+                       world_size: int = 1) -> None:
         from pyramidkd import __version__
 
         manifest = {
@@ -236,6 +237,7 @@ class RunDirectory:
             "platform": platform.platform(),
             "hostname": socket.gethostname(),
             "device": device,
+            "world_size": world_size,
             "seed": seed,
             "recipe_file": os.path.abspath(recipe_file),
             "command": argv,

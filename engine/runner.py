@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import attrs
 import torch
 
+from .distributed import World, barrier, broadcast_object, init_world
 from .components import ComponentSpec, DatasetContext, DataSplits, StagePlan
 from .errors import RecipeError, RunDirectoryError
 from .host import PluginHost, make_plugin_host
@@ -85,6 +86,7 @@ class Run:
     data: DataSplits
     quiet: bool
     seed: int
+    world: World = attrs.field(factory=World)
     results: dict[str, dict] = attrs.field(factory=dict)
     started: float = attrs.field(factory=time.time)
     completed: set[str] = attrs.field(factory=set)  # stages reused from an earlier run
@@ -103,7 +105,8 @@ class Run:
     def call(self, hook_name: str, on_error=None, **kwargs) -> None:
         """Call a lifecycle hook; a plugin that raises is named (after ``on_error``
         has saved the run state)."""
-        self.host.call(hook_name, on_error=on_error, run=self, **kwargs)
+        if self.world.is_main:  # loggers and callbacks live on rank 0 only
+            self.host.call(hook_name, on_error=on_error, run=self, **kwargs)
 
 
 def run_recipe(
@@ -124,17 +127,27 @@ def run_recipe(
     without ``resume`` recomputes every stage.
     """
     prepared = prepare(recipe_path, overrides, extra_plugins)
-    recipe, host = prepared.recipe, prepared.host
+    recipe = prepared.recipe
     device = choose_device(recipe)
+    world = init_world(device.type == "cuda")
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     if resume and not output:
         raise RunDirectoryError("--resume needs the run's folder", fix="add --output DIR (the folder of the run to continue)")
-    directory = RunDirectory(output or default_output_dir(recipe.experiment.name))
+    # Under torchrun every rank must agree on the folder (the default one has a timestamp).
+    directory = RunDirectory(broadcast_object(world, output or default_output_dir(recipe.experiment.name)))
+    if not world.is_main:  # rank 0 owns the folder; the others read checkpoints from it
+        barrier(world)
+        return _run_locked(prepared, directory, device, world, quiet=quiet, recompute=force and not resume)
     with directory.lock():
-        directory.prepare(dump_toml(recipe.data), resume=resume, force=force)
-        return _run_locked(prepared, directory, device, quiet=quiet, recompute=force and not resume)
+        try:
+            directory.prepare(dump_toml(recipe.data), resume=resume, force=force)
+        finally:
+            barrier(world)
+        return _run_locked(prepared, directory, device, world, quiet=quiet, recompute=force and not resume)
 
 
-def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, *, quiet: bool, recompute: bool) -> dict:
+def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, *, quiet: bool, recompute: bool) -> dict:
     recipe, host = prepared.recipe, prepared.host
     data = prepared.dataset.instantiate().load(dataset_context(recipe))
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -142,7 +155,7 @@ def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.de
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-    run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed)
+    run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed, world=world)
     results = {} if recompute else {s.id: directory.stage_result(s.id) for s in prepared.stages}
     run.completed = {stage_id for stage_id, result in results.items() if result is not None}
     resume_checkpoint = None
@@ -154,9 +167,11 @@ def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.de
         run.resume_stage = unfinished.id
         run.resume_history = list(resume_checkpoint["progress"]["history"])
 
-    for index, spec in enumerate(prepared.loggers):
-        host.register_run_plugin(spec.instantiate(), name=f"logger:{spec.name}:{index}")
-    directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=None, argv=command_line())
+    if world.is_main:
+        for index, spec in enumerate(prepared.loggers):
+            host.register_run_plugin(spec.instantiate(), name=f"logger:{spec.name}:{index}")
+        directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=None,
+                                 argv=command_line(), world_size=world.size)
     run.call("pyramidkd_run_start")
     teacher_cache: dict = {}
     stop = StopFlag()
@@ -167,7 +182,9 @@ def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.de
             else:
                 runner = StageRunner(run, stage, teacher_cache, stop)
                 result = runner.execute(resume_checkpoint if stage.id == run.resume_stage else None)
-                atomic_write_json(directory.stage_result_file(stage.id), result)
+                if world.is_main:
+                    atomic_write_json(directory.stage_result_file(stage.id), result)
+                barrier(world)  # the next stage may load this stage's best checkpoint
             run.results[stage.id] = result
             run.call("pyramidkd_stage_end", stage=stage, result=result)
     finished = time.time()
@@ -181,8 +198,10 @@ def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.de
         "stages": [run.results[stage.id] for stage in prepared.stages],
         "time_s": round(finished - run.started, 3),
     }
-    atomic_write_json(directory.file("summary.json"), summary)
-    directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=finished, argv=command_line())
+    if world.is_main:
+        atomic_write_json(directory.file("summary.json"), summary)
+        directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=finished,
+                                 argv=command_line(), world_size=world.size)
     run.call("pyramidkd_run_end", summary=summary)
     return summary
 

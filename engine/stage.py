@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import GlobalBatchSampler, ShardSampler, World, all_reduce_max, all_reduce_sum
 from .components import ComponentSpec, DataSplits, Loss, ModelOutput, ModelSource, StageOutput, StagePlan
 from .errors import CheckpointError, RecipeError, UserError
 from .recipe import TrainSection
@@ -92,8 +93,9 @@ def count_parameters(model: nn.Module) -> int:
 class TapRecorder:
     """Runs a model and records the tensors at its tap points (forward hooks)."""
 
-    def __init__(self, model: nn.Module, taps: dict[str, str], *, role: str, stage_id: str):
+    def __init__(self, model: nn.Module, taps: dict[str, str], *, role: str, stage_id: str, forward=None):
         self.model = model
+        self.forward = forward if forward is not None else model  # a DDP- or torch.compile-wrapped model
         self.values: dict[str, torch.Tensor] = {}
         self.handles = []
         modules = dict(model.named_modules())
@@ -114,7 +116,7 @@ class TapRecorder:
 
     def __call__(self, images: torch.Tensor) -> ModelOutput:
         self.values = {}
-        logits = self.model(images)
+        logits = self.forward(images)
         return ModelOutput(logits, self.values)
 
     def close(self) -> None:
@@ -186,19 +188,31 @@ def make_scheduler(optimizer, train: TrainSection):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy (a fraction) of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader, device: torch.device, world: World = World(), prepare=None) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (a fraction) of ``model`` on ``loader``
+    (each rank evaluates its shard; the sums are all-reduced)."""
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(images)
-        total_loss += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        correct += (logits.argmax(1) == targets).sum()
-        seen += images.shape[0]
-    return float(total_loss) / max(seen, 1), float(correct) / max(seen, 1)
+        if prepare is not None:
+            images = prepare(images)
+        with autocast_context(device, getattr(loader, "precision", "fp32")):
+            logits = model(images)
+        totals[0] += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        totals[1] += (logits.argmax(1) == targets).sum()
+        totals[2] += images.shape[0]
+    loss_sum, correct, seen = all_reduce_sum(world, totals).tolist()
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 @attrs.define
@@ -242,19 +256,32 @@ class StageRunner:
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             self.teacher_cache[source] = model
-        return self.teacher_cache[source]
+        model = self.teacher_cache[source]
+        if self.stage.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
 
     def loader(self, dataset, *, train: bool, generator: torch.Generator | None = None):
-        settings = self.stage.train
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=settings.batch_size if train else settings.eval_batch_size,
-            shuffle=train,
-            generator=generator,
-            num_workers=settings.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=settings.num_workers > 0,
+        settings, world = self.stage.train, self.run.world
+        workers = settings.num_workers
+        options = dict(
+            num_workers=workers,
+            pin_memory=settings.pin_memory and self.device.type == "cuda",
+            persistent_workers=settings.persistent_workers and workers > 0,
+            prefetch_factor=settings.prefetch_factor if workers > 0 else None,
         )
+        if train:
+            sampler = GlobalBatchSampler(len(dataset), settings.batch_size, generator, world)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=generator, **options)
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=settings.eval_batch_size, sampler=ShardSampler(len(dataset), world), **options)
+        loader.precision = settings.precision
+        return loader
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.stage.train.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     # -- the stage -----------------------------------------------------------
     def execute(self, resume_checkpoint: dict | None = None) -> dict:
@@ -268,11 +295,21 @@ class StageRunner:
             checkpoint, _ = self.source_checkpoint(stage.init_from)
             inherited = inherit_weights(student, checkpoint["state_dict"])
         student.to(self.device)
+        if stage.train.channels_last:
+            student.to(memory_format=torch.channels_last)
         teachers = [self.teacher(source) for source in stage.teachers]
         loss_fn = stage.loss.instantiate().to(self.device)
 
-        self.student_tap = TapRecorder(student, stage.student_taps, role="student", stage_id=stage.id)
-        self.teacher_taps = [TapRecorder(t, stage.teacher_taps, role="teacher", stage_id=stage.id) for t in teachers]
+        forward = student
+        if run.world.distributed:
+            forward = torch.nn.parallel.DistributedDataParallel(student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        teacher_forwards = list(teachers)
+        if stage.train.compile:
+            forward = torch.compile(forward)
+            teacher_forwards = [torch.compile(t) for t in teachers]
+        self.student_tap = TapRecorder(student, stage.student_taps, role="student", stage_id=stage.id, forward=forward)
+        self.teacher_taps = [TapRecorder(t, stage.teacher_taps, role="teacher", stage_id=stage.id, forward=f)
+                             for t, f in zip(teachers, teacher_forwards)]
         self.generator = torch.Generator().manual_seed(seed)
         if type(loss_fn).setup is not Loss.setup:  # shape-dependent loss parameters
             self.setup_loss(loss_fn, run.data.train)
@@ -289,6 +326,7 @@ class StageRunner:
         self.student, self.loss_fn = student, loss_fn
         self.optimizer = make_optimizer(trainable, stage.train)
         self.scheduler = make_scheduler(self.optimizer, stage.train)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=stage.train.precision == "fp16")
         self.best_state = None
         progress = Progress()
         if resume_checkpoint is not None:
@@ -312,7 +350,7 @@ class StageRunner:
         for epoch in range(progress.epoch + 1, stage.train.epochs + 1):
             epoch_started = time.time()
             train_loss, train_acc = self.train_epoch(epoch, train_loader, progress)
-            val_loss, val_acc = evaluate(self.student, val_loader, self.device)
+            val_loss, val_acc = evaluate(self.student, val_loader, self.device, run.world, self.prepare_images)
             stage_val_loss = self.stage_loss(val_loader) if stage.select == "val_loss" else None
             score = {"val_acc": val_acc, "val_loss": -(stage_val_loss or 0.0), "last": float(epoch)}[stage.select]
             lr = self.optimizer.param_groups[0]["lr"]
@@ -323,7 +361,8 @@ class StageRunner:
             if score > progress.best_score:
                 progress.best_score, progress.best_epoch, progress.best_val_acc = score, epoch, val_acc
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
-                save_checkpoint(run.directory.checkpoint(stage.id, "best"), self.model_checkpoint(self.best_state, epoch, val_acc))
+                if run.world.is_main:
+                    save_checkpoint(run.directory.checkpoint(stage.id, "best"), self.model_checkpoint(self.best_state, epoch, val_acc))
             record = {
                 "kind": "epoch",
                 "stage": stage.id,
@@ -350,10 +389,11 @@ class StageRunner:
             run.call("pyramidkd_metrics", stage=stage, record=record)
 
     def train_epoch(self, epoch: int, loader, progress: Progress) -> tuple[float, float]:
-        run, stage = self.run, self.stage
-        student, loss_fn, optimizer = self.student, self.loss_fn, self.optimizer
+        run, stage, world = self.run, self.stage, self.run.world
+        student, loss_fn, optimizer, scaler = self.student, self.loss_fn, self.optimizer, self.scaler
         student.train()
         loss_fn.train()
+        loader.batch_sampler.set_epoch(epoch)
         resumed_mid_epoch = progress.step > 0
         if resumed_mid_epoch:  # replay the same shuffle, then skip the batches already done
             saved_rng = rng_states(self.generator)
@@ -364,20 +404,22 @@ class StageRunner:
         if resumed_mid_epoch:
             batches = itertools.islice(batches, progress.step, None)
             restore_rng_states(saved_rng, None)  # global RNGs as they were when interrupted
-        loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=self.device)
-        correct = torch.tensor(progress.correct, dtype=torch.int64, device=self.device)
-        seen = progress.seen
+        # loss sum, correct, seen: kept on the device, synchronised once per epoch
+        totals = torch.tensor([progress.loss_sum, progress.correct, progress.seen], dtype=torch.float64, device=self.device)
+        dataset_size, batch_size = len(run.data.train), stage.train.batch_size
         num_steps = len(loader)
         clip = stage.train.grad_clip
-        step = progress.step
+        trained_parameters = [p for g in optimizer.param_groups for p in g["params"]]
         for step, (images, targets) in enumerate(batches, start=progress.step + 1):
-            images = images.to(self.device, non_blocking=True)
+            images = self.prepare_images(images.to(self.device, non_blocking=True))
             targets = targets.to(self.device, non_blocking=True)
-            student_out = self.student_tap(images)
-            with torch.no_grad():
-                teacher_outs = [tap(images) for tap in self.teacher_taps]
-            loss = loss_fn(student_out, teacher_outs, targets)
-            if not torch.isfinite(loss).item():
+            with autocast_context(self.device, stage.train.precision):
+                student_out = self.student_tap(images)
+                teacher_outs = self.teacher_outputs(images)
+                loss = loss_fn(student_out, teacher_outs, targets)
+            flags = torch.stack([(~torch.isfinite(loss.detach())).double(), torch.tensor(float(self.stop.signum is not None), device=self.device)])
+            bad_loss, stop = all_reduce_max(world, flags).tolist()  # every rank decides alike
+            if bad_loss:
                 if stage.train.on_nan == "stop":
                     raise TrainingError(
                         f"stage {stage.id!r}, epoch {epoch}, step {step}: the loss is {loss.item()}; training stopped",
@@ -388,26 +430,42 @@ class StageRunner:
                 optimizer.zero_grad(set_to_none=True)
             else:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                local = images.shape[0]
+                # Weight by this rank's share of the global batch: DDP averages the
+                # ranks' gradients, so the sum equals the single-process gradient.
+                global_batch = min(batch_size, dataset_size - (step - 1) * batch_size)
+                weight = local * world.size / global_batch if world.distributed else 1.0
+                scaler.scale(loss * weight if weight != 1.0 else loss).backward()
                 if clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
-                optimizer.step()
-                detached = loss.detach()
-                loss_sum += detached.double() * images.shape[0]
-                correct += (student_out.logits.detach().argmax(1) == targets).sum()
-                seen += images.shape[0]
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trained_parameters, clip)
+                scaler.step(optimizer)
+                scaler.update()
+                totals[0] += loss.detach().double() * local
+                totals[1] += (student_out.logits.detach().argmax(1) == targets).sum()
+                totals[2] += local
             run.call("pyramidkd_batch_end", stage=stage, epoch=epoch, step=step, num_steps=num_steps, loss=loss.detach(),
-                     on_error=lambda: self.save_mid_epoch(progress, epoch, step, loss_sum, correct, seen))
-            if self.stop.signum is not None:
-                self.save_mid_epoch(progress, epoch, step, loss_sum, correct, seen)
-                name = signal.Signals(self.stop.signum).name
+                     on_error=lambda: self.save_mid_epoch(progress, epoch, step, totals))
+            if stop:
+                self.save_mid_epoch(progress, epoch, step, totals)
+                signum = self.stop.signum or signal.SIGTERM
                 raise RunInterrupted(
-                    f"interrupted by {name} in stage {stage.id!r}, epoch {epoch}, step {step}/{num_steps}; "
+                    f"interrupted by {signal.Signals(signum).name} in stage {stage.id!r}, epoch {epoch}, step {step}/{num_steps}; "
                     f"the state is saved in {run.directory.checkpoint(stage.id, 'last')}",
-                    signum=self.stop.signum,
+                    signum=signum,
                     fix=f"resume with: pyramidkd run {run.recipe.file} --output {run.directory.path} --resume",
                 )
-        return float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1)
+        loss_sum, correct, seen = all_reduce_sum(world, totals).tolist()
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+    def teacher_outputs(self, images: torch.Tensor) -> list[ModelOutput]:
+        """Frozen teachers under inference mode; their outputs are cloned into
+        normal tensors so losses may save them for backward."""
+        if not self.teacher_taps:
+            return []
+        with torch.inference_mode():
+            outputs = [tap(images) for tap in self.teacher_taps]
+        return [ModelOutput(o.logits.clone(), {k: v.clone() for k, v in o.features.items()}) for o in outputs]
 
     # -- checkpoints -----------------------------------------------------------
     def model_checkpoint(self, state: dict, epoch: int, val_acc: float) -> dict:
@@ -431,7 +489,7 @@ class StageRunner:
             {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "grad_scaler": None,
+                "grad_scaler": self.scaler.state_dict(),
                 "loss_state": self.loss_fn.state_dict(),
                 "progress": attrs.asdict(progress, recurse=False),
                 "rng": rng_states(self.generator),
@@ -440,10 +498,12 @@ class StageRunner:
                 "recipe_stage": self.stage.entry_id,
             }
         )
-        save_checkpoint(self.run.directory.checkpoint(self.stage.id, "last"), checkpoint)
+        if self.run.world.is_main:
+            save_checkpoint(self.run.directory.checkpoint(self.stage.id, "last"), checkpoint)
 
-    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, loss_sum, correct, seen) -> None:
-        saved = attrs.evolve(progress, epoch=epoch - 1, step=step, loss_sum=float(loss_sum), correct=int(correct), seen=seen)
+    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor) -> None:
+        loss_sum, correct, seen = totals.tolist()
+        saved = attrs.evolve(progress, epoch=epoch - 1, step=step, loss_sum=loss_sum, correct=int(correct), seen=int(seen))
         self.save_last(saved)
 
     def restore(self, checkpoint: dict) -> Progress:
@@ -454,6 +514,8 @@ class StageRunner:
             if self.scheduler is not None and checkpoint.get("scheduler") is not None:
                 self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.loss_fn.load_state_dict(checkpoint.get("loss_state", {}))
+            if checkpoint.get("grad_scaler"):
+                self.scaler.load_state_dict(checkpoint["grad_scaler"])
             progress = Progress(**checkpoint["progress"])
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise CheckpointError(f"cannot resume from this checkpoint: {error}", file=path, fix="re-run with --force to start over") from error
@@ -466,7 +528,7 @@ class StageRunner:
     def finish(self, progress: Progress, inherited: list[str]) -> dict:
         run, stage = self.run, self.stage
         self.student.load_state_dict(self.best_state)
-        test_loss, test_acc = evaluate(self.student, self.loader(run.data.test, train=False), self.device)
+        test_loss, test_acc = evaluate(self.student, self.loader(run.data.test, train=False), self.device, run.world, self.prepare_images)
         result = {
             "stage": stage.id,
             "entry": stage.entry_id,
@@ -497,7 +559,7 @@ class StageRunner:
     def setup_loss(self, loss_fn, dataset) -> None:
         images = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(self.device)
         self.student_tap.model.eval()
-        loss_fn.setup(self.student_tap(images), [tap(images) for tap in self.teacher_taps])
+        loss_fn.setup(self.student_tap(self.prepare_images(images)), self.teacher_outputs(self.prepare_images(images)))
         loss_fn.to(self.device)
 
     def describe_source(self, source: ModelSource) -> dict:
@@ -513,7 +575,10 @@ class StageRunner:
         total, seen = 0.0, 0
         for images, targets in loader:
             images, targets = images.to(self.device), targets.to(self.device)
-            loss = self.loss_fn(self.student_tap(images), [tap(images) for tap in self.teacher_taps], targets)
+            images = self.prepare_images(images)
+            with autocast_context(self.device, self.stage.train.precision):
+                loss = self.loss_fn(self.student_tap(images), self.teacher_outputs(images), targets)
             total += float(loss) * images.shape[0]
             seen += images.shape[0]
-        return total / max(seen, 1)
+        totals = all_reduce_sum(self.run.world, torch.tensor([total, seen], dtype=torch.float64, device=self.device)).tolist()
+        return totals[0] / max(totals[1], 1)

@@ -1,0 +1,122 @@
+"""Data-parallel training on PyTorch's own runtime (torchrun + DistributedDataParallel).
+
+The same recipe runs unchanged under ``torchrun --nproc_per_node=N -m pyramidkd run``:
+``train.batch_size`` stays the *global* batch. Each global batch is drawn exactly
+as in a single-process run (one permutation per epoch from the stage's seeded
+generator) and split across ranks, and every rank's loss is weighted by its share
+of the batch, so the averaged gradient equals the single-process one up to float
+summation order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import attrs
+import torch
+import torch.distributed as dist
+
+
+@attrs.define(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(use_cuda: bool) -> World:
+    """Join the process group torchrun describes in the environment (if any)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return World(rank, size, local_rank)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(world: World, values: torch.Tensor) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max(world: World, values: torch.Tensor) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def broadcast_object(world: World, value):
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(items: list, world: World) -> list:
+    """This rank's contiguous part of ``items`` (sizes differ by at most one)."""
+    base, extra = divmod(len(items), world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return items[start : start + base + (1 if world.rank < extra else 0)]
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Shuffled global batches, each split across ranks (a batch sampler).
+
+    Like ``DistributedSampler`` it shards every epoch's data over the ranks and
+    has ``set_epoch``; unlike it, the global batches are those of a
+    single-process run with the same seed, and nothing is padded or dropped.
+    Each yielded batch carries ``global_size`` for loss weighting.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator, world: World):
+        self.size, self.batch_size, self.generator, self.world = size, batch_size, generator, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # The permutation comes from the stage's generator (saved in checkpoints),
+        # so the epoch number only documents the position.
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.size + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=self.generator).tolist()
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) < self.world.size:  # a tail too small to give every rank a sample
+                break
+            yield shard(batch, self.world)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """This rank's contiguous shard of an evaluation split (no shuffling)."""
+
+    def __init__(self, size: int, world: World):
+        self.indices = shard(list(range(size)), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
