@@ -55,9 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="a JSON list of {name, params, macs, ...}")
     models.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    bench = commands.add_parser("bench-models", help="params, MACs and measured latency of vgg19 and the SVGG models (table + PNG)")
+    bench.add_argument("--models", default="", help="comma-separated model names (default: vgg19 and every SVGG)")
+    bench.add_argument("--num-classes", type=int, default=10, metavar="C")
+    bench.add_argument("--image-size", type=int, default=96, metavar="S")
+    bench.add_argument("--width", type=float, default=1.0, metavar="W")
+    bench.add_argument("--batch-sizes", default="1,128", metavar="B1,B2")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bench.add_argument("--output", default=".", metavar="DIR", help="where bench-models.png and .json go")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     plugins = commands.add_parser("plugins", help="list plugins and the components they provide")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    report = commands.add_parser("report", help="tables and plots of finished runs (writes RUN_DIR/plots/*.png)")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/quickstart-20250101-120000")
+    report.add_argument("--format", choices=["markdown", "json"], default="markdown", help="output format (default: markdown)")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -147,7 +165,20 @@ def cmd_models(args) -> int:
     return models_command(args)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "models": cmd_models}
+def cmd_bench_models(args) -> int:
+    from .benchmodels import bench_models_command
+
+    return bench_models_command(args)
+
+
+def cmd_report(args) -> int:
+    from .report import report_command
+
+    return report_command(args)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "models": cmd_models, "report": cmd_report,
+            "bench-models": cmd_bench_models}
 
 
 if __name__ == "__main__":

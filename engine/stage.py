@@ -285,15 +285,31 @@ class StageRunner:
 
     # -- the stage -----------------------------------------------------------
     def execute(self, resume_checkpoint: dict | None = None) -> dict:
+        progress = self.setup(resume_checkpoint)
+        self.run.call("pyramidkd_stage_start", stage=self.stage)
+        try:
+            self.train(progress)
+        finally:
+            self.close()
+        return self.finish(progress)
+
+    def close(self) -> None:
+        self.student_tap.close()
+        for tap in self.teacher_taps:
+            tap.close()
+
+    def setup(self, resume_checkpoint: dict | None = None) -> Progress:
+        """Build the student, teachers, loss, optimiser and scheduler (restoring
+        them from ``resume_checkpoint`` if given); return where training stands."""
         run, stage = self.run, self.stage
         started = time.time()
         seed = stage_seed(run.seed, stage.id)
         seed_everything(seed)
         student = build_model(stage.model, run.data)
-        inherited: list[str] = []
+        self.inherited: list[str] = []
         if stage.init_from is not None:
             checkpoint, _ = self.source_checkpoint(stage.init_from)
-            inherited = inherit_weights(student, checkpoint["state_dict"])
+            self.inherited = inherit_weights(student, checkpoint["state_dict"])
         student.to(self.device)
         if stage.train.channels_last:
             student.to(memory_format=torch.channels_last)
@@ -333,15 +349,7 @@ class StageRunner:
             progress = self.restore(resume_checkpoint)
         elapsed_before = resume_checkpoint.get("elapsed_s", 0.0) if resume_checkpoint else 0.0
         self.started = started - elapsed_before
-
-        run.call("pyramidkd_stage_start", stage=stage)
-        try:
-            self.train(progress)
-        finally:
-            self.student_tap.close()
-            for tap in self.teacher_taps:
-                tap.close()
-        return self.finish(progress, inherited)
+        return progress
 
     def train(self, progress: Progress) -> None:
         run, stage = self.run, self.stage
@@ -350,6 +358,7 @@ class StageRunner:
         for epoch in range(progress.epoch + 1, stage.train.epochs + 1):
             epoch_started = time.time()
             train_loss, train_acc = self.train_epoch(epoch, train_loader, progress)
+            train_time = time.time() - epoch_started
             val_loss, val_acc = evaluate(self.student, val_loader, self.device, run.world, self.prepare_images)
             stage_val_loss = self.stage_loss(val_loader) if stage.select == "val_loss" else None
             score = {"val_acc": val_acc, "val_loss": -(stage_val_loss or 0.0), "last": float(epoch)}[stage.select]
@@ -378,6 +387,7 @@ class StageRunner:
                 "best_epoch": progress.best_epoch,
                 "lr": lr,
                 "skipped_batches": progress.skipped_batches,
+                "train_time_s": round(train_time, 4),
                 "epoch_time_s": round(time.time() - epoch_started, 4),
             }
             progress.history.append(record)
@@ -525,7 +535,7 @@ class StageRunner:
         return progress
 
     # -- end of stage ------------------------------------------------------------
-    def finish(self, progress: Progress, inherited: list[str]) -> dict:
+    def finish(self, progress: Progress) -> dict:
         run, stage = self.run, self.stage
         self.student.load_state_dict(self.best_state)
         test_loss, test_acc = evaluate(self.student, self.loader(run.data.test, train=False), self.device, run.world, self.prepare_images)
@@ -544,7 +554,7 @@ class StageRunner:
             "test_acc": test_acc,
             "test_loss": test_loss,
             "teachers": [self.describe_source(source) for source in stage.teachers],
-            "inherited_tensors": len(inherited),
+            "inherited_tensors": len(self.inherited),
             "reference_test_acc": run.reference_for(stage),
             "info": stage.info,
             "checkpoint": os.path.relpath(run.directory.checkpoint(stage.id, "best"), run.directory.path),

@@ -17,7 +17,7 @@ import torch
 
 from pyramidkd.engine.rundir import RunDirectory, load_checkpoint
 
-TIMING_KEYS = {"epoch_time_s", "time_s"}
+TIMING_KEYS = {"epoch_time_s", "train_time_s", "time_s"}
 
 # A test-only plugin: slows every step a little, so a kill lands mid-epoch; when
 # PYRAMIDKD_TEST_RAISE_AT_EPOCH is set its epoch_end hook raises; its `nan-at`

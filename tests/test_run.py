@@ -13,7 +13,7 @@ import torch
 from conftest import RECIPES, TINY_RECIPE
 from pyramidkd.engine.rundir import load_checkpoint
 
-TIMING_KEYS = {"epoch_time_s", "time_s"}
+TIMING_KEYS = {"epoch_time_s", "train_time_s", "time_s"}
 
 
 def metrics(run_dir) -> list[dict]:

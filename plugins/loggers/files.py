@@ -10,7 +10,7 @@ from pyramidkd.engine import Logger, hookimpl
 
 CSV_COLUMNS = [
     "kind", "stage", "entry", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "stage_val_loss",
-    "best_val_acc", "best_epoch", "lr", "test_acc", "test_loss", "epoch_time_s",
+    "best_val_acc", "best_epoch", "lr", "skipped_batches", "test_acc", "test_loss", "train_time_s", "epoch_time_s",
 ]
 
 

@@ -1,0 +1,138 @@
+"""``pyramidkd bench-models``: parameters, MACs and measured inference latency of
+VGG19 and every SVGG model on this machine, as a table, JSON and a PNG plot.
+
+It checks the published claim "VGG19 → SVGG5: several times fewer parameters,
+about 4× faster" on the user's own hardware and states the measured ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from .errors import UserError
+from .modelinfo import _short, count_macs, count_parameters
+
+DEFAULT_MODELS = ["vgg19", "svgg17", "svgg14", "svgg11", "svgg8", "svgg5", "svgg17_b", "svgg14_b", "svgg11_b", "svgg8_b"]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def latency(model: torch.nn.Module, batch: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Median seconds of one forward pass, after ``warmup`` passes."""
+    for _ in range(warmup):
+        model(batch)
+    _synchronize(batch.device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(batch)
+        _synchronize(batch.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_models(registry, names, *, num_classes, image_size, width, batch_sizes, warmup, repeats, device) -> list[dict]:
+    rows = []
+    shape = (3, image_size, image_size)
+    for name in names:
+        cls = registry.get(name, key="--models")
+        fields = {f.name for f in __import__("attrs").fields(cls.Params)}
+        params = cls.Params(width=width) if "width" in fields else cls.Params()
+        model = cls(params).build(num_classes, shape).to(device).eval()
+        row = {"name": name, "params": count_parameters(model), "macs": count_macs(model, shape), "latency_s": {}}
+        for batch_size in batch_sizes:
+            batch = torch.randn((batch_size, *shape), device=device)
+            row["latency_s"][str(batch_size)] = latency(model, batch, warmup, repeats)
+        rows.append(row)
+        del model
+    return rows
+
+
+def ratios(rows: list[dict], baseline: str = "vgg19", target: str = "svgg5") -> dict | None:
+    by_name = {row["name"]: row for row in rows}
+    if baseline not in by_name or target not in by_name:
+        return None
+    a, b = by_name[baseline], by_name[target]
+    return {
+        "baseline": baseline,
+        "target": target,
+        "params": a["params"] / b["params"],
+        "macs": a["macs"] / b["macs"],
+        "speedup": {bs: a["latency_s"][bs] / b["latency_s"][bs] for bs in a["latency_s"]},
+    }
+
+
+def format_rows(rows: list[dict], batch_sizes) -> str:
+    headers = ["model", "params", "MACs", *[f"batch {bs} (ms)" for bs in batch_sizes]]
+    table = [[r["name"], _short(r["params"]), _short(r["macs"]), *[f"{1e3 * r['latency_s'][str(bs)]:.2f}" for bs in batch_sizes]] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) for cells in [headers, ["-" * w for w in widths], *table]]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], batch_sizes, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    figure, axes = plt.subplots(1, 1 + len(batch_sizes), figsize=(4.5 * (1 + len(batch_sizes)), 4))
+    axes[0].bar(names, [r["params"] / 1e6 for r in rows], color="tab:blue")
+    axes[0].set_ylabel("parameters (M)")
+    for axis, batch_size in zip(axes[1:], batch_sizes):
+        axis.bar(names, [1e3 * r["latency_s"][str(batch_size)] for r in rows], color="tab:orange")
+        axis.set_ylabel(f"latency, batch {batch_size} (ms)")
+    for axis in axes:
+        axis.tick_params(axis="x", rotation=60)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def bench_models_command(args) -> int:
+    from .host import make_plugin_host
+
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    except ValueError:
+        raise UserError(f"--batch-sizes {args.batch_sizes!r} is not a list of integers", fix="e.g. --batch-sizes 1,128") from None
+    if not batch_sizes or min(batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0:
+        raise UserError("batch sizes and --repeats must be >= 1, --warmup >= 0", fix="e.g. --batch-sizes 1,128 --repeats 10")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible", fix="use --device cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    names = [n for n in args.models.split(",") if n] if args.models else DEFAULT_MODELS
+    registry = make_plugin_host().registry("model")
+    rows = bench_models(registry, names, num_classes=args.num_classes, image_size=args.image_size, width=args.width,
+                        batch_sizes=batch_sizes, warmup=args.warmup, repeats=args.repeats, device=device)
+    found = ratios(rows)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    title = f"{args.image_size}×{args.image_size}, {args.num_classes} classes, width {args.width:g} on {device_name}"
+    os.makedirs(args.output, exist_ok=True)
+    png = os.path.join(args.output, "bench-models.png")
+    plot(rows, batch_sizes, png, title)
+    result = {"device": device_name, "image_size": args.image_size, "num_classes": args.num_classes, "width": args.width,
+              "torch": torch.__version__, "models": rows, "vgg19_vs_svgg5": found, "plot": png}
+    with open(os.path.join(args.output, "bench-models.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"inference latency (median of {args.repeats} after {args.warmup} warm-up passes), {title}")
+    print(format_rows(rows, batch_sizes))
+    if found:
+        speed = ", ".join(f"{value:.1f}× faster at batch {bs}" for bs, value in found["speedup"].items())
+        print(f"vgg19 → svgg5: {found['params']:.1f}× fewer parameters, {found['macs']:.1f}× fewer MACs, {speed}")
+    print(f"plot: {png}")
+    return 0
