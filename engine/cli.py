@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = recipe_command("run", "run a recipe")
     run.add_argument("--output", "-o", metavar="DIR", help="run directory (default: runs/<experiment>-<time>)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or epoch lines (CI)")
+    run.add_argument("--seeds", metavar="S1,S2,...", help="run once per seed (DIR/seed-N each) and report mean ± std")
     run.add_argument("--resume", action="store_true", help="continue the run in DIR from its last completed step")
     run.add_argument("--force", action="store_true",
                      help="recompute every stage in DIR; with --resume: accept a changed recipe")
@@ -128,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from .runner import run_recipe
 
+    if args.seeds:
+        from .seeds import parse_seeds, run_seeds
+
+        run_seeds(args.recipe, args.overrides, parse_seeds(args.seeds), output=args.output, quiet=args.quiet, force=args.force, resume=args.resume)
+        return EXIT_OK
     run_recipe(args.recipe, args.overrides, output=args.output, quiet=args.quiet, force=args.force, resume=args.resume)
     return EXIT_OK
 

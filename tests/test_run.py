@@ -173,3 +173,18 @@ def test_python_dash_m_entry_point(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "pyramidkd", "--version"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.startswith("pyramidkd ")
+
+
+def test_multi_seed_run_reports_mean_and_std(write_recipe, tmp_path, cli):
+    recipe = write_recipe(TINY_RECIPE)
+    out = tmp_path / "seeds"
+    result = cli("run", recipe, "--quiet", "--output", out, "--seeds", "0,1,2", "--set", "train.epochs=1")
+    assert result.code == 0, result.err
+    data = json.loads((out / "seeds-summary.json").read_text())
+    assert data["seeds"] == [0, 1, 2]
+    for index, stage in enumerate(data["stages"]):
+        per_seed = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["stages"][index]["test_acc"] for s in (0, 1, 2)]
+        assert stage["test_acc"] == per_seed
+        assert stage["test_acc_mean"] == pytest.approx(sum(per_seed) / 3)
+    assert "test % (mean ± std)" in result.out
+    assert cli("run", recipe, "--seeds", "0,0").code == 1
