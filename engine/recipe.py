@@ -30,6 +30,7 @@ class ExperimentSection:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plugins: list[str] = attrs.field(factory=list, metadata={"help": "local plugin modules to load"})
+    threads: int = attrs.field(default=0, validator=non_negative, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     description: str = ""
 
 

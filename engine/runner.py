@@ -150,6 +150,8 @@ def run_recipe(
 def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, *, quiet: bool, recompute: bool) -> dict:
     recipe, host = prepared.recipe, prepared.host
     data = prepared.dataset.instantiate().load(dataset_context(recipe))
+    if recipe.experiment.threads:
+        torch.set_num_threads(recipe.experiment.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False

@@ -3,11 +3,17 @@ the host registers these modules first, in this order."""
 
 BUILTIN_PLUGINS = (
     "pyramidkd.plugins.schemes.basic",
+    "pyramidkd.plugins.schemes.pyramid",
     "pyramidkd.plugins.losses.classification",
     "pyramidkd.plugins.losses.distillation",
+    "pyramidkd.plugins.losses.features",
     "pyramidkd.plugins.models.vgg",
+    "pyramidkd.plugins.models.pyramid",
     "pyramidkd.plugins.datasets.digits",
     "pyramidkd.plugins.datasets.synthetic",
+    "pyramidkd.plugins.datasets.vision",
+    "pyramidkd.plugins.datasets.imagefolder",
     "pyramidkd.plugins.loggers.console",
     "pyramidkd.plugins.loggers.files",
+    "pyramidkd.plugins.loggers.tensorboard",
 )

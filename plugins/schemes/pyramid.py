@@ -1,0 +1,431 @@
+"""Pyramid chains and the baselines they are compared with.
+
+``pyramid-forward`` / ``pyramid-backward``
+    A chain over ``levels``; each level is taught only by the level above it (the
+    first by ``teacher``, VGG19), in two stages:
+
+    1. ``<entry>.<level>.hint`` — initialised from the teacher (weight inheritance:
+       every shared layer is copied, only the compressed block starts random), the
+       layers up to and including the compressed block learn to reproduce the
+       teacher's output at the same depth (``stage1_loss``: ``mse`` on the block
+       output, or ``gram`` on the block's input→output flow). Where the level adds no
+       conv (svgg17 after vgg19; svgg5 after svgg8_b) it matches the teacher's logits
+       (``mse-logits``) with every layer training. The checkpoint with the lowest
+       validation stage loss is kept.
+    2. ``<entry>.<level>`` — from stage 1's checkpoint, every layer trains with the
+       entry's ``[stages.loss]`` (default ``ce``; ``kd`` distils from the level above).
+
+    The best checkpoint of stage 2 is the next level's teacher.
+
+``fitnet``      per level, directly from the teacher: hint stage (``hint`` loss on
+                VGG19's conv4_2) then stage 2.
+``gram-direct`` per level, directly from the teacher: Gram matching of every
+                compressed block, then stage 2.
+``kd-chain``    teacher-assistant chain: one KD stage per level from the level above.
+``ensemble``    one stage: KD from several teachers (``kd-ensemble`` loss).
+
+Level models get ``width``, ``batch_norm`` and ``dropout`` from the scheme's own
+parameters (a ``[stages.model]`` section is refused: the scheme builds one model
+per level).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import attrs
+
+from pyramidkd.engine import RecipeError, Scheme, StageOutput, StagePlan, hookimpl
+from pyramidkd.engine.validation import between, positive
+from pyramidkd.plugins.models.pyramid import BACKWARD_LEVELS, FORWARD_LEVELS, MODELS, PyramidModel
+
+FORWARD_CHAIN = ("vgg19",) + FORWARD_LEVELS
+BACKWARD_CHAIN = ("vgg19",) + BACKWARD_LEVELS
+LEVEL_NAMES = tuple(name for name in MODELS if name != "vgg19")
+
+
+# --- parameters -----------------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class LevelModelParams:
+    width: float = attrs.field(default=1.0, validator=positive, metadata={"help": "channel multiplier of every level, e.g. 0.25 (must equal the teacher's)"})
+    batch_norm: bool = attrs.field(default=False, metadata={"help": "BatchNorm in every level (must match the teacher)"})
+    dropout: float = attrs.field(default=0.5, validator=between(0.0, 1.0))
+
+
+STAGE1_LOSS_HELP = 'stage-1 loss: a name ("mse", "gram", "hint") or a table, e.g. { name = "gram", pool = "max" }'
+
+
+@attrs.define(kw_only=True)
+class PyramidForwardParams(LevelModelParams):
+    teacher: str = attrs.field(metadata={"help": 'the VGG19 teacher: an earlier stage id, e.g. "teacher", or a checkpoint file (.pt)'})
+    levels: list[str] = attrs.field(factory=lambda: list(FORWARD_LEVELS), metadata={"help": 'levels in chain order, e.g. ["svgg17", "svgg14"]'})
+    stage1_loss: str | dict[str, Any] = attrs.field(default="mse", metadata={"help": STAGE1_LOSS_HELP})
+    stage1_epochs: int | None = attrs.field(default=None, validator=positive, metadata={"help": "epochs of stage 1 (default: the entry's train.epochs)"})
+    stage1_train: dict[str, Any] = attrs.field(factory=dict, metadata={"help": "[train] keys overridden for stage 1 only, e.g. { optimizer = { lr = 0.01 } }"})
+    inherit: bool = attrs.field(default=True, metadata={"help": "initialise each level from its teacher's shared layers (weight inheritance)"})
+
+
+@attrs.define(kw_only=True)
+class PyramidBackwardParams(PyramidForwardParams):
+    levels: list[str] = attrs.field(factory=lambda: list(BACKWARD_LEVELS), metadata={"help": 'levels in chain order, e.g. ["svgg17_b", "svgg14_b"]'})
+
+
+@attrs.define(kw_only=True)
+class GramDirectParams(PyramidForwardParams):
+    stage1_loss: str | dict[str, Any] = attrs.field(default="gram", metadata={"help": STAGE1_LOSS_HELP})
+
+
+@attrs.define(kw_only=True)
+class FitNetParams(PyramidForwardParams):
+    stage1_loss: str | dict[str, Any] = attrs.field(default="hint", metadata={"help": STAGE1_LOSS_HELP})
+    inherit: bool = attrs.field(default=False, metadata={"help": "initialise each level from the teacher's shared layers (FitNet: no)"})
+
+
+@attrs.define(kw_only=True)
+class KDChainParams(LevelModelParams):
+    teacher: str = attrs.field(metadata={"help": 'the first teacher: an earlier stage id or a checkpoint file (.pt)'})
+    levels: list[str] = attrs.field(factory=lambda: list(FORWARD_LEVELS), metadata={"help": "students in chain order; each is taught by the one before"})
+    inherit: bool = attrs.field(default=False, metadata={"help": "initialise each level from its teacher's shared layers"})
+
+
+@attrs.define
+class EnsembleParams:
+    teachers: list[str] = attrs.field(metadata={"help": 'two or more earlier stage ids or .pt files, e.g. ["t1", "t2"]'})
+    aggregate: Literal["mean-logits", "sum-kl"] | None = attrs.field(
+        default=None, metadata={"help": "how the default kd-ensemble loss combines the teachers (default mean-logits)"}
+    )
+    init_from: str = attrs.field(default="", metadata={"help": "a stage id or .pt file whose matching layers initialise the student"})
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+@attrs.define
+class Teacher:
+    source: Any  # ModelSource
+    cls: type
+    params: dict
+    reference: str
+
+
+def _source_model(context, source, reference: str, key: str) -> tuple[type, dict]:
+    """The model class and parameters behind a stage output or a checkpoint file."""
+    if isinstance(source, StageOutput):
+        plan = next(s for s in context.stages if s.id == source.stage_id)
+        return plan.model.cls, attrs.asdict(plan.model.params)
+    from pyramidkd.engine.rundir import load_checkpoint
+
+    description = load_checkpoint(source.path).get("model") or {}
+    return context.registries["model"].get(description.get("name"), file=context.recipe.file, key=key), dict(description.get("params") or {})
+
+
+def resolve_teacher(context, reference: str, key: str, scheme: str, *, pyramid: bool = True) -> Teacher:
+    source = context.model_source(reference, key)
+    cls, params = _source_model(context, source, reference, key)
+    if pyramid and not (isinstance(cls, type) and issubclass(cls, PyramidModel)):
+        raise RecipeError(
+            f"scheme {scheme!r} needs a Pyramid-family teacher (vgg19 or an svgg level), but {reference!r} is a {cls.name!r} model",
+            key=key,
+            fix='train the teacher with [stages.model] name = "vgg19"',
+        )
+    return Teacher(source, cls, params, reference)
+
+
+def check_compatible(teacher: Teacher, params, entry, scheme: str, *, batch_norm: bool = True) -> None:
+    """Feature matching and weight inheritance need the teacher's width (and batch norm)."""
+    for name in ("width", "batch_norm") if batch_norm else ("width",):
+        theirs = teacher.params.get(name)
+        ours = getattr(params, name)
+        if theirs is not None and theirs != ours:
+            raise RecipeError(
+                f"scheme {scheme!r}: the teacher {teacher.reference!r} ({teacher.cls.name}) has {name} = {_toml(theirs)}, the levels {name} = {_toml(ours)}",
+                key=f"{entry.key}.scheme.{name}",
+                fix=f"set {name} = {_toml(theirs)} in [stages.scheme] (shared layers and matched features need the same shapes)",
+            )
+
+
+def _toml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def refuse_model_section(entry, scheme: str) -> None:
+    if entry.model is not None:
+        raise RecipeError(
+            f"scheme {scheme!r} builds one model per level itself; [stages.model] is not used",
+            key=f"{entry.key}.model",
+            fix="remove [stages.model]; put width / batch_norm / dropout in [stages.scheme]",
+        )
+
+
+def level_model(context, entry, level: str, params):
+    return context.component(
+        "model", level, {"width": params.width, "batch_norm": params.batch_norm, "dropout": params.dropout}, key=f"{entry.key}.scheme"
+    )
+
+
+def check_levels(levels: list[str], allowed: tuple[str, ...], entry, scheme: str, *, ordered: bool = True) -> None:
+    key = f"{entry.key}.scheme.levels"
+    if not levels:
+        raise RecipeError(f"scheme {scheme!r}: levels is empty", key=key, fix=f"list one or more of {', '.join(allowed)}")
+    for index, level in enumerate(levels):
+        if level not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(level, allowed, n=1)
+            raise RecipeError(
+                f"scheme {scheme!r}: unknown level {level!r}; levels: {', '.join(allowed)}",
+                key=f"{key}[{index}]",
+                fix=(f"did you mean {close[0]!r}? " if close else "") + "use the level names in chain order",
+            )
+    if len(set(levels)) != len(levels):
+        raise RecipeError(f"scheme {scheme!r}: a level is listed twice", key=key, fix="list each level once")
+    if ordered and [allowed.index(level) for level in levels] != sorted(allowed.index(level) for level in levels):
+        raise RecipeError(
+            f"scheme {scheme!r}: levels must follow the chain order {' → '.join(allowed)}",
+            key=key,
+            fix=f"reorder them: {', '.join(sorted(levels, key=allowed.index))}",
+        )
+
+
+def stage1_loss_spec(context, entry, params):
+    value = params.stage1_loss
+    key = f"{entry.key}.scheme.stage1_loss"
+    if isinstance(value, str):
+        return context.component("loss", value, {}, key)
+    value = dict(value)
+    if "name" not in value:
+        raise RecipeError("required key is missing", key=f"{key}.name", fix='add name = "mse" (or "gram", "hint")')
+    return context.component("loss", value.pop("name"), value, key)
+
+
+def stage1_train(context, entry, params):
+    section = entry.section
+    if params.stage1_train:
+        section = attrs.evolve(section, train=_merge(copy.deepcopy(section.train), params.stage1_train))
+    from pyramidkd.engine.recipe import stage_train_section
+
+    train = stage_train_section(context.recipe, section)
+    if params.stage1_epochs is not None:
+        train = attrs.evolve(train, epochs=params.stage1_epochs)
+    return train
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        base[key] = _merge(dict(base[key]), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else copy.deepcopy(value)
+    return base
+
+
+def stage2_loss(context, entry, default: str = "ce"):
+    return entry.loss or context.component("loss", default, {}, key=f"{entry.key}.loss")
+
+
+def region_taps(student_cls, teacher_cls, blocks: list[str], entry, teacher_name: str) -> tuple[dict, dict]:
+    """Taps ``in``/``out`` (one block) or ``in.<block>``/``out.<block>`` (several): the
+    input and output points of each compressed block, in the student and the teacher."""
+    student_taps, teacher_taps = {}, {}
+    for block in blocks:
+        suffix = "" if len(blocks) == 1 else f".{block}"
+        for tap, point in zip(("in", "out"), student_cls.regions[block]):
+            if point not in teacher_cls.points:
+                raise RecipeError(
+                    f"the teacher {teacher_name!r} ({teacher_cls.name}) has no layer at depth {point!r} to match {student_cls.name}'s {block}",
+                    key=f"{entry.key}.scheme.teacher",
+                    fix="use a teacher that still has that depth (e.g. vgg19)",
+                )
+            student_taps[tap + suffix] = student_cls.points[point]
+            teacher_taps[tap + suffix] = teacher_cls.points[point]
+    return student_taps, teacher_taps
+
+
+def hint_and_train(context, entry, params, level: str, teacher: Teacher, *, scheme: str, hint_loss=None, fitnet: bool = False) -> list[StagePlan]:
+    """The two stages of one level: a hint stage against ``teacher``, then training."""
+    model = level_model(context, entry, level, params)
+    student_cls = model.cls
+    new_blocks = [b for b in student_cls.blocks if b not in teacher.cls.blocks]
+    compressed = [b for b in new_blocks if b in student_cls.regions]
+    info = {"level": level, "teacher_model": teacher.cls.name, "new_blocks": new_blocks}
+    if fitnet:
+        point = student_cls.points["hint"]
+        # "out" too, so that stage1_loss = "mse" also works on the hint layers
+        student_taps = {"hint": point, "out": point}
+        teacher_taps = {"hint": teacher.cls.points["hint"], "out": teacher.cls.points["hint"]}
+        trainable = student_cls.layers_up_to(point)
+        loss, matched = hint_loss or stage1_loss_spec(context, entry, params), f"hint: {point} ~ teacher {teacher.cls.points['hint']}"
+    elif compressed:
+        student_taps, teacher_taps = region_taps(student_cls, teacher.cls, compressed, entry, teacher.reference)
+        last = max(student_cls.blocks.index(b) for b in compressed)
+        trainable = list(student_cls.blocks[: last + 1])
+        loss, matched = hint_loss or stage1_loss_spec(context, entry, params), "features: " + ", ".join(compressed)
+    else:  # no new conv: the level differs by its head; match logits, every layer trains
+        student_taps, teacher_taps, trainable = {}, {}, list(student_cls.blocks)
+        loss, matched = context.component("loss", "mse-logits", {}, f"{entry.key}.scheme.stage1_loss"), "logits"
+    hint_id, train_id = f"{entry.id}.{level}.hint", f"{entry.id}.{level}"
+    final_loss = stage2_loss(context, entry)
+    return [
+        StagePlan(
+            id=hint_id,
+            model=model,
+            loss=loss,
+            train=stage1_train(context, entry, params),
+            teachers=[teacher.source],
+            init_from=teacher.source if params.inherit else None,
+            trainable=trainable,
+            student_taps=student_taps,
+            teacher_taps=teacher_taps,
+            select="val_loss",
+            info={**info, "step": "hint", "matched": matched},
+        ),
+        StagePlan(
+            id=train_id,
+            model=model,
+            loss=final_loss,
+            train=context.train(entry),
+            teachers=[teacher.source] if final_loss.cls.needs_teacher else [],
+            init_from=StageOutput(hint_id),
+            info={**info, "step": "train", "taught_by": teacher.reference},
+        ),
+    ]
+
+
+# --- schemes ----------------------------------------------------------------------
+
+
+class PyramidForwardScheme(Scheme):
+    """Pyramid chain compressing VGG19 from the classifier end: svgg17 → svgg14 → svgg11 → svgg8 → svgg5."""
+
+    name = "pyramid-forward"
+    Params = PyramidForwardParams
+    chain = FORWARD_CHAIN
+
+    def plan(self, entry, context):
+        p = self.params
+        refuse_model_section(entry, self.name)
+        check_levels(p.levels, self.chain[1:], entry, self.name)
+        key = f"{entry.key}.scheme.teacher"
+        teacher = resolve_teacher(context, p.teacher, key, self.name)
+        if teacher.cls.name not in self.chain or self.chain.index(teacher.cls.name) >= self.chain.index(p.levels[0]):
+            raise RecipeError(
+                f"scheme {self.name!r}: the teacher {p.teacher!r} is a {teacher.cls.name!r} model, not above the first level {p.levels[0]!r} "
+                f"in the chain {' → '.join(self.chain)}",
+                key=key,
+                fix="use the VGG19 teacher (or a level above the first one listed)",
+            )
+        check_compatible(teacher, p, entry, self.name, batch_norm=p.inherit)
+        stages = []
+        for level in p.levels:
+            planned = hint_and_train(context, entry, p, level, teacher, scheme=self.name)
+            stages += planned
+            final = planned[-1]
+            teacher = Teacher(StageOutput(final.id), final.model.cls, attrs.asdict(final.model.params), final.id)
+        return stages
+
+
+class PyramidBackwardScheme(PyramidForwardScheme):
+    """Pyramid chain compressing VGG19 from the input end: svgg17_b → svgg14_b → svgg11_b → svgg8_b → svgg5."""
+
+    name = "pyramid-backward"
+    Params = PyramidBackwardParams
+    chain = BACKWARD_CHAIN
+
+
+class GramDirectScheme(Scheme):
+    """Per level, Gram (FSP) matching of every compressed block directly against VGG19, then training."""
+
+    name = "gram-direct"
+    Params = GramDirectParams
+
+    def plan(self, entry, context):
+        p = self.params
+        refuse_model_section(entry, self.name)
+        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
+        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name)
+        check_compatible(teacher, p, entry, self.name, batch_norm=p.inherit)
+        stages = []
+        for level in p.levels:
+            stages += hint_and_train(context, entry, p, level, teacher, scheme=self.name)
+        return stages
+
+
+class FitNetScheme(Scheme):
+    """FitNet per level, directly from VGG19: hint stage on conv4_2 (1×1 regressor where channels differ), then training."""
+
+    name = "fitnet"
+    Params = FitNetParams
+
+    def plan(self, entry, context):
+        p = self.params
+        refuse_model_section(entry, self.name)
+        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
+        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name)
+        if p.inherit:
+            check_compatible(teacher, p, entry, self.name)
+        stages = []
+        for level in p.levels:
+            stages += hint_and_train(context, entry, p, level, teacher, scheme=self.name, fitnet=True)
+        return stages
+
+
+class KDChainScheme(Scheme):
+    """Teacher-assistant chain: each level distilled (loss default kd) from the level above, one stage per level."""
+
+    name = "kd-chain"
+    Params = KDChainParams
+
+    def plan(self, entry, context):
+        p = self.params
+        refuse_model_section(entry, self.name)
+        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
+        teacher = context.model_source(p.teacher, f"{entry.key}.scheme.teacher")
+        loss = stage2_loss(context, entry, default="kd")
+        stages = []
+        for level in p.levels:
+            stage = StagePlan(
+                id=f"{entry.id}.{level}",
+                model=level_model(context, entry, level, p),
+                loss=loss,
+                train=context.train(entry),
+                teachers=[teacher] if loss.cls.needs_teacher else [],
+                init_from=teacher if p.inherit else None,
+                info={"level": level, "taught_by": getattr(teacher, "stage_id", None) or p.teacher},
+            )
+            stages.append(stage)
+            teacher = StageOutput(stage.id)
+        return stages
+
+
+class EnsembleScheme(Scheme):
+    """One student distilled from several teachers (loss default kd-ensemble: mean logits or summed KL)."""
+
+    name = "ensemble"
+    Params = EnsembleParams
+
+    def plan(self, entry, context):
+        p = self.params
+        key = f"{entry.key}.scheme.teachers"
+        if len(p.teachers) < 2:
+            raise RecipeError(f"scheme 'ensemble' needs two or more teachers, got {len(p.teachers)}", key=key, fix='list them, e.g. teachers = ["t1", "t2"], or use scheme "kd" for one teacher')
+        if len(set(p.teachers)) != len(p.teachers):
+            raise RecipeError("a teacher is listed twice", key=key, fix="list each teacher once")
+        teachers = [context.model_source(t, f"{key}[{i}]") for i, t in enumerate(p.teachers)]
+        if entry.loss is None:
+            loss = context.component("loss", "kd-ensemble", {"aggregate": p.aggregate or "mean-logits"}, key=f"{entry.key}.loss")
+        else:
+            loss = entry.loss
+            theirs = getattr(loss.params, "aggregate", None)
+            if p.aggregate is not None and theirs != p.aggregate:
+                raise RecipeError(
+                    f"scheme aggregate = {p.aggregate!r} but loss {loss.name!r} " + (f"has aggregate = {theirs!r}" if theirs else "does not aggregate that way"),
+                    key=f"{entry.key}.scheme.aggregate",
+                    fix='set aggregate in [stages.loss] (name = "kd-ensemble") only, or drop [stages.loss]',
+                )
+        init = context.model_source(p.init_from, f"{entry.key}.scheme.init_from") if p.init_from else None
+        return [StagePlan(id=entry.id, model=entry.require_model(), loss=loss, train=context.train(entry), teachers=teachers, init_from=init)]
+
+
+@hookimpl
+def pyramidkd_register_schemes():
+    return [PyramidForwardScheme, PyramidBackwardScheme, FitNetScheme, GramDirectScheme, KDChainScheme, EnsembleScheme]
