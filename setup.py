@@ -80,6 +80,9 @@ def extension_modules():
     torch_lib = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "lib")
     link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
     if use_cuda and cuda_sources:
+        # ... and the CUDA runtime of torch's pip wheels (nvidia/cu<major>/lib).
+        cuda_major = (torch.version.cuda or os.environ.get("CUDA_VERSION", "13")).split(".")[0]
+        link_args = link_args + [f"-Wl,-rpath,$ORIGIN/../nvidia/cu{cuda_major}/lib"]
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension(
             "pyramidkd._C",
@@ -109,5 +112,5 @@ setup(
     package_data={"pyramidkd": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

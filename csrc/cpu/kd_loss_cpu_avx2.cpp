@@ -1,0 +1,33 @@
+// AVX2 + FMA build of the row kernel (see kd_loss_cpu_kernel.h).  Only this
+// translation unit is compiled for AVX2 (via the target pragma, so shipped
+// builds need no -march flag); kd_loss_cpu.cpp calls it only when the CPU
+// supports AVX2 and FMA.
+#include "kd_loss_cpu.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// g++ does not update the ISA feature macros after the pragma; the headers
+// (sleef.h, at::vec) test them, so define the ones the pragma enabled.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#define PYRAMIDKD_ROWS_FN kd_rows_avx2
+#include "kd_loss_cpu_kernel.h"
+#else
+namespace pyramidkd::cpu {
+extern const KdRowsFn kd_rows_avx2 = nullptr;
+}
+#endif

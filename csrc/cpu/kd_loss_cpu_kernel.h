@@ -1,0 +1,309 @@
+// Row kernel of the fused distillation loss, written once against at::vec and
+// compiled per instruction set: include this file after defining
+// CPU_CAPABILITY (DEFAULT / AVX2 / AVX512), the matching CPU_CAPABILITY_*
+// macro and PYRAMIDKD_ROWS_FN (the name of the exported function pointer).
+//
+// Per row (u = t/T, v = s/T, shifted by their maxima):
+//   pass 1: max s, max t                                  (no exp)
+//   pass 2: Zs = sum e^v, Zt = sum e^u, A = sum e^u (u - v),
+//           Zr = sum e^(s - max s) for the cross-entropy   (2-3 exp / element)
+//           e^u (and e^(s - max s)) are kept in a row-sized scratch buffer and
+//           e^v in the gradient row, so the gradient pass needs no exp.
+//   KL_row = A / Zt + log Zs - log Zt
+//   pass 3: grad_s = kd (e^v / Zs - e^u / Zt) + ce (e^r / Zr - onehot)
+//           grad_t = kd e^u / Zt ((u - v) - A / Zt)
+// Reductions use per-lane accumulators combined in a fixed order, so results
+// do not depend on the thread count.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+
+#include "kd_loss_cpu.h"
+
+namespace pyramidkd {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+inline float hsum(const Vec& v) {
+  alignas(64) float buf[kW];
+  v.store(buf);
+  float acc = 0.f;
+  for (int64_t i = 0; i < kW; ++i) acc += buf[i];
+  return acc;
+}
+
+inline float hmax(const Vec& v) {
+  alignas(64) float buf[kW];
+  v.store(buf);
+  float acc = buf[0];
+  for (int64_t i = 1; i < kW; ++i) acc = acc > buf[i] ? acc : buf[i];
+  return acc;
+}
+
+// Partial (n < kW lanes) loads and stores for row tails.  at::vec's
+// loadu(p, n) / store(p, n) go through a stack buffer and memcpy; with AVX2 /
+// AVX512 masked moves are used instead (rows are short, tails are per row).
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 tail_mask(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+inline Vec load_part(const float* p, int64_t n) {
+  return Vec(_mm512_maskz_loadu_ps(tail_mask(n), p));
+}
+inline void store_part(const Vec& v, float* p, int64_t n) {
+  _mm512_mask_storeu_ps(p, tail_mask(n), v);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i tail_mask(int64_t n) {
+  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - n));
+}
+inline Vec load_part(const float* p, int64_t n) {
+  return Vec(_mm256_maskload_ps(p, tail_mask(n)));
+}
+inline void store_part(const Vec& v, float* p, int64_t n) {
+  _mm256_maskstore_ps(p, tail_mask(n), v);
+}
+#else
+inline Vec load_part(const float* p, int64_t n) {
+  return Vec::loadu(p, n);
+}
+inline void store_part(const Vec& v, float* p, int64_t n) {
+  v.store(p, n);
+}
+#endif
+
+inline Vec load_n(const float* p, int64_t n) {
+  return n == kW ? Vec::loadu(p) : load_part(p, n);
+}
+inline void store_n(const Vec& v, float* p, int64_t n) {
+  if (n == kW) {
+    v.store(p);
+  } else {
+    store_part(v, p, n);
+  }
+}
+
+// Loads `n` (< kW) elements and fills the other lanes with `fill`.
+inline Vec load_tail(const float* p, int64_t n, const Vec& fill) {
+  return Vec::set(fill, load_part(p, n), n);
+}
+
+struct RowOut {
+  double kl;
+  double ce;
+};
+
+// s, t: float rows of length C.  gs / gt: float rows (may be nullptr).
+// eu / er: scratch rows of length C (er only used with use_ce and T != 1).
+inline RowOut kd_row_f32(
+    const float* s,
+    const float* t,
+    int64_t C,
+    int64_t label,  // -1 when this row has no (valid) label
+    const KdCpuArgs& a,
+    float* gs,
+    float* gt,
+    float* eu_buf,
+    float* er_buf) {
+  const bool need_grad = gs != nullptr || gt != nullptr;
+  const bool ce = a.use_ce;
+  const float inv_T = a.inv_temperature;
+  const bool unit_T = inv_T == 1.0f;  // then e^r == e^v
+  const int64_t C_vec = C - (C % kW);
+  const int64_t tail = C - C_vec;
+
+  // pass 1: maxima
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  Vec vms(neg_inf), vmt(neg_inf);
+  for (int64_t i = 0; i < C_vec; i += kW) {
+    vms = at::vec::maximum(vms, Vec::loadu(s + i));
+    vmt = at::vec::maximum(vmt, Vec::loadu(t + i));
+  }
+  if (tail) {
+    vms = at::vec::maximum(vms, load_tail(s + C_vec, tail, Vec(neg_inf)));
+    vmt = at::vec::maximum(vmt, load_tail(t + C_vec, tail, Vec(neg_inf)));
+  }
+  const float ms = hmax(vms);
+  const float mt = hmax(vmt);
+
+  // pass 2: sums
+  const Vec v_ms(ms), v_mt(mt), v_invT(inv_T), zero(0.f);
+  Vec zs(0.f), zt(0.f), acc_a(0.f), zr(0.f);
+  float* ev_buf = gs;  // e^v is parked in the student-gradient row
+  auto body = [&](const Vec& xs, const Vec& xt, int64_t i, int64_t n) {
+    const Vec ds = xs - v_ms;
+    const Vec v = ds * v_invT;
+    const Vec u = (xt - v_mt) * v_invT;
+    Vec ev = v.exp_u20();
+    Vec eu = u.exp_u20();
+    Vec d = u - v;
+    Vec er;
+    if (ce) er = unit_T ? ev : ds.exp_u20();
+    if (n != kW) {  // tail: drop the padded lanes
+      ev = Vec::set(zero, ev, n);
+      eu = Vec::set(zero, eu, n);
+      d = Vec::set(zero, d, n);
+      if (ce) er = Vec::set(zero, er, n);
+    }
+    zs = zs + ev;
+    zt = zt + eu;
+    acc_a = at::vec::fmadd(eu, d, acc_a);
+    if (ce) zr = zr + er;
+    if (need_grad) {
+      store_n(eu, eu_buf + i, n);
+      if (ev_buf) store_n(ev, ev_buf + i, n);
+      if (ce && !unit_T && gs) store_n(er, er_buf + i, n);
+    }
+  };
+  for (int64_t i = 0; i < C_vec; i += kW) {
+    body(Vec::loadu(s + i), Vec::loadu(t + i), i, kW);
+  }
+  if (tail) {
+    body(load_tail(s + C_vec, tail, v_ms), load_tail(t + C_vec, tail, v_mt), C_vec, tail);
+  }
+  const float Zs = hsum(zs);
+  const float Zt = hsum(zt);
+  const float A = hsum(acc_a);
+  const float a_over_zt = A / Zt;
+  RowOut out;
+  out.kl = static_cast<double>(a_over_zt) + static_cast<double>(std::log(Zs / Zt));
+  out.ce = 0.0;
+  float Zr = 1.f;
+  if (ce) {
+    Zr = hsum(zr);
+    if (label >= 0) {
+      out.ce = static_cast<double>(std::log(Zr)) - static_cast<double>(s[label] - ms);
+    }
+  }
+  if (!need_grad) return out;
+
+  // pass 3: gradients
+  const float kd = a.kd_grad_scale;
+  const Vec c_ev(kd / Zs), c_eu(kd / Zt);
+  // rows with an ignored label get no cross-entropy gradient
+  const Vec c_er(ce && label >= 0 ? a.ce_grad_scale / Zr : 0.f);
+  const Vec c_gt(kd / Zt), v_a_over_zt(a_over_zt);
+  const float* er_src = unit_T ? ev_buf : er_buf;
+  auto grad_body = [&](int64_t i, int64_t n) {
+    const Vec eu = load_n(eu_buf + i, n);
+    if (gs) {
+      const Vec ev = load_n(ev_buf + i, n);
+      Vec g = ev * c_ev - eu * c_eu;
+      if (ce) g = at::vec::fmadd(load_n(er_src + i, n), c_er, g);
+      store_n(g, gs + i, n);
+    }
+    if (gt) {
+      const Vec xs = load_n(s + i, n), xt = load_n(t + i, n);
+      const Vec d = ((xt - v_mt) - (xs - v_ms)) * v_invT;
+      const Vec g = eu * c_gt * (d - v_a_over_zt);
+      store_n(g, gt + i, n);
+    }
+  };
+  for (int64_t i = 0; i < C_vec; i += kW) grad_body(i, kW);
+  if (tail) grad_body(C_vec, tail);
+  if (gs && ce && label >= 0) gs[label] -= a.ce_grad_scale;
+  return out;
+}
+
+// Converts n elements of a 16-bit float row to float.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  using VecT = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + VecT::size() <= n; i += VecT::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + i));
+    lo.store(dst + i);
+    hi.store(dst + i + kW);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  using VecT = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + VecT::size() <= n; i += VecT::size()) {
+    at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + kW))
+        .store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+inline int64_t row_label(const KdCpuArgs& a, int64_t r) {
+  if (!a.use_ce || a.labels == nullptr) return -1;
+  const int64_t l = a.labels[r];
+  return l == a.ignore_index ? -1 : l;  // range checked by the dispatcher
+}
+
+template <typename T>
+void kd_rows_impl(const KdCpuArgs& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C;
+  constexpr bool reduced = !std::is_same_v<T, float>;
+  const bool need_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
+  // scratch: e^u, e^r, and for 16-bit inputs float copies of s, t, gs, gt.
+  const int64_t n_scratch = (need_grad ? 2 : 0) + (reduced ? 4 : 0);
+  // (plain new[]: keeps std:: template instantiations out of the ISA-specific
+  // translation units.)
+  float* scratch = n_scratch ? new float[n_scratch * C] : nullptr;
+  float* eu_buf = need_grad ? scratch : nullptr;
+  float* er_buf = need_grad ? scratch + C : nullptr;
+  float* fbase = scratch + (need_grad ? 2 * C : 0);
+  const T* S = static_cast<const T*>(a.student);
+  const T* Tt = static_cast<const T*>(a.teacher);
+  T* GS = static_cast<T*>(a.grad_student);
+  T* GT = static_cast<T*>(a.grad_teacher);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* s = S + r * a.student_row_stride;
+    const T* t = Tt + r * a.teacher_row_stride;
+    T* gs = GS ? GS + r * C : nullptr;
+    T* gt = GT ? GT + r * C : nullptr;
+    RowOut o;
+    if constexpr (!reduced) {
+      o = kd_row_f32(s, t, C, row_label(a, r), a, gs, gt, eu_buf, er_buf);
+    } else {
+      float* fs = fbase;
+      float* ft = fbase + C;
+      float* fgs = gs ? fbase + 2 * C : nullptr;
+      float* fgt = gt ? fbase + 3 * C : nullptr;
+      to_float(s, fs, C);
+      to_float(t, ft, C);
+      o = kd_row_f32(fs, ft, C, row_label(a, r), a, fgs, fgt, eu_buf, er_buf);
+      if (gs) from_float(fgs, gs, C);
+      if (gt) from_float(fgt, gt, C);
+    }
+    a.row_kl[r] = o.kl;
+    a.row_ce[r] = o.ce;
+  }
+  delete[] scratch;
+}
+
+inline void kd_rows(const KdCpuArgs& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case KdDtype::Float:
+      kd_rows_impl<float>(a, begin, end);
+      break;
+    case KdDtype::Half:
+      kd_rows_impl<c10::Half>(a, begin, end);
+      break;
+    case KdDtype::BFloat16:
+      kd_rows_impl<c10::BFloat16>(a, begin, end);
+      break;
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+
+extern const KdRowsFn PYRAMIDKD_ROWS_FN = &CPU_CAPABILITY::kd_rows;
+
+}  // namespace cpu
+}  // namespace pyramidkd
