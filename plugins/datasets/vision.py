@@ -1,0 +1,450 @@
+"""``cifar10``, ``cifar100``, ``stl10``: the standard image datasets, read by torchvision.
+
+The pixels are read by torchvision's own readers (``torchvision.datasets.CIFAR10``,
+``CIFAR100``, ``STL10``), from the files their download produces:
+
+* CIFAR-10:  ``<root>/cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``, ``batches.meta``)
+* CIFAR-100: ``<root>/cifar-100-python/`` (``train``, ``test``, ``meta``; the 100 fine labels)
+* STL-10:    ``<root>/stl10_binary/`` (``train_X.bin``, ``train_y.bin``, ``test_X.bin``,
+  ``test_y.bin``, ``class_names.txt``; ``fold_indices.txt`` for ``fold``). The labelled
+  splits only (train 5,000 / test 8,000); the 100,000 unlabelled images are not used.
+
+Integrity: torchvision checks the md5 of every file on each construction and fails
+with "Dataset not found or corrupted". This plugin does that check itself, once per
+load, with torchvision's own md5 table (``train_list``/``test_list``/``meta``) and
+``torchvision.datasets.utils.calculate_md5``, so that a missing or corrupt file is
+reported by path with a fix; it then constructs torchvision's reader classes with
+their (now redundant) integrity check switched off (``_Checked*`` below). Files that
+are not the published ones (re-pickled, subsets, the tiny files of the tests) load
+with ``verify_checksums = false``: only the md5 comparison is skipped; the reading
+code is torchvision's in both cases.
+
+Splits: a validation split is carved from the official training set (stratified,
+``val_fraction``, seeded by ``split_seed``); the official test set is the test split.
+Augmentation (random crop with ``crop_padding``, horizontal ``flip``) applies to the
+training split only; validation and test images go through resize → tensor →
+normalise. Both views share one in-memory copy of the pixels (:class:`SubsetView`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from typing import Callable, Sequence
+
+import attrs
+import numpy as np
+import torch
+from torchvision import transforms as T
+from torchvision.datasets import CIFAR10, CIFAR100, STL10
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
+
+from pyramidkd.engine import DataSplits, Dataset, DatasetError, hookimpl
+from pyramidkd.engine.validation import FieldValueError, between, non_negative, open_unit, positive
+from pyramidkd.plugins.datasets.digits import limit_per_class, stratified_split
+
+log = logging.getLogger("pyramidkd")
+
+# Published per-channel statistics of the training sets (RGB, pixels in [0, 1]).
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+STL10_STATS = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --- parameters shared by every image dataset ------------------------------
+
+
+def _channel_stats(instance, attribute, value):
+    if value is None:
+        return
+    if len(value) != 3:
+        raise FieldValueError(f"needs 3 values (R, G, B), got {len(value)}", f"e.g. {attribute.name} = [0.5, 0.5, 0.5]")
+    if attribute.name == "std" and not all(v > 0 for v in value):
+        raise FieldValueError(f"must be positive, got {list(value)}", "use the per-channel standard deviations, e.g. [0.25, 0.25, 0.25]")
+
+
+def _both_or_neither(params) -> None:
+    if (params.mean is None) != (params.std is None):
+        raise FieldValueError("mean and std go together", "set both mean and std (3 values each), or neither for the defaults")
+
+
+@attrs.define
+class ImageParams:
+    """Options every image dataset takes: size, augmentation, normalisation, splits."""
+
+    image_size: int | None = attrs.field(default=None, validator=positive, metadata={"help": "images are resized to this square size; default: the native size"})
+    crop_padding: int | None = attrs.field(default=None, validator=non_negative, metadata={"help": "random crop after zero-padding by this many pixels (train only); 0 = off; default image_size // 8"})
+    flip: bool = attrs.field(default=True, metadata={"help": "random horizontal flips (train only)"})
+    mean: list[float] | None = attrs.field(default=None, validator=_channel_stats, metadata={"help": "normalisation means, R G B; default: the dataset's published ones"})
+    std: list[float] | None = attrs.field(default=None, validator=_channel_stats, metadata={"help": "normalisation standard deviations, R G B"})
+    val_fraction: float = attrs.field(default=0.1, validator=open_unit, metadata={"help": "fraction of the training set held out for validation (stratified)"})
+    split_seed: int = attrs.field(default=0, metadata={"help": "seed of the validation split and of limit/test_limit"})
+    limit: int = attrs.field(default=0, validator=non_negative, metadata={"help": "use at most this many training images (class-balanced, before the validation split); 0 = all"})
+    test_limit: int = attrs.field(default=0, validator=non_negative, metadata={"help": "use at most this many test images (class-balanced); 0 = all"})
+
+    def __attrs_post_init__(self):
+        _both_or_neither(self)
+
+
+@attrs.define
+class TorchvisionParams(ImageParams):
+    root: str = attrs.field(default="", metadata={"help": "folder holding the dataset's folder (relative to the recipe); default <cache>/datasets"})
+    download: bool = attrs.field(default=False, metadata={"help": "download with torchvision when the files are missing (needs internet)"})
+    verify_checksums: bool = attrs.field(default=True, metadata={"help": "compare the files' md5 with the published ones; false for files you made yourself"})
+
+
+@attrs.define
+class STL10Params(TorchvisionParams):
+    fold: int | None = attrs.field(default=None, validator=between(0, 9), metadata={"help": "train on one of the 10 standard 1,000-image folds (0-9); default all 5,000"})
+
+
+# --- transforms and the per-subset view ------------------------------------
+
+
+def auto_padding(image_size: int, crop_padding: int | None) -> int:
+    return max(1, image_size // 8) if crop_padding is None else crop_padding
+
+
+def build_transforms(image_size: int, native_size: int | None, params: ImageParams, mean: Sequence[float], std: Sequence[float]) -> tuple[Callable, Callable]:
+    """(train transform, evaluation transform) for PIL images.
+
+    ``native_size`` is the images' size when they all have one (CIFAR, STL); with
+    ``None`` every image goes through a resize of its short side + centre crop
+    (free when it already has the size)."""
+    geometry: list = []
+    if native_size != image_size:
+        geometry = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
+    tail = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    augment: list = []
+    padding = auto_padding(image_size, params.crop_padding)
+    if padding:
+        augment.append(T.RandomCrop(image_size, padding=padding))
+    if params.flip:
+        augment.append(T.RandomHorizontalFlip())
+    return T.Compose(geometry + augment + tail), T.Compose(geometry + tail)
+
+
+class SubsetView(torch.utils.data.Dataset):
+    """``indices`` of ``base`` (which yields ``(PIL image, label)``) through ``transform``.
+
+    The training and validation splits are two views of one base dataset, so only
+    the training view is augmented and the pixels are held once."""
+
+    def __init__(self, base, indices: np.ndarray, transform: Callable, labels: np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.targets = np.asarray(labels, dtype=np.int64)[self.indices]  # this view's labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[int(self.indices[index])]
+        return self.transform(image), int(label)
+
+
+def split_indices(labels: np.ndarray, test_labels: np.ndarray, params: ImageParams, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices: ``limit`` then the stratified validation split of the
+    training set; ``test_limit`` of the test set."""
+    pool = limit_per_class(labels, params.limit, params.split_seed) if params.limit else np.arange(len(labels))
+    rest, val = stratified_split(labels[pool], [params.val_fraction], params.split_seed)
+    train, val = pool[rest], pool[val]
+    test = limit_per_class(test_labels, params.test_limit, params.split_seed) if params.test_limit else np.arange(len(test_labels))
+    for name, part in (("training", train), ("validation", val), ("test", test)):
+        if len(part) == 0:
+            raise DatasetError(
+                f"{source}: the {name} split is empty (train set {len(labels)} images, limit {params.limit}, val_fraction {params.val_fraction})",
+                key="dataset",
+                fix="raise limit / test_limit (at least a few images per class) or val_fraction",
+            )
+    return train, val, test
+
+
+def make_splits(base_train, train_labels, base_test, test_labels, *, params: ImageParams, image_size: int, native_size: int | None,
+                mean, std, class_names: list[str], source: str) -> DataSplits:
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    train, val, test = split_indices(train_labels, test_labels, params, source)
+    train_tf, eval_tf = build_transforms(image_size, native_size, params, mean, std)
+    return DataSplits(
+        train=SubsetView(base_train, train, train_tf, train_labels),
+        val=SubsetView(base_train, val, eval_tf, train_labels),
+        test=SubsetView(base_test, test, eval_tf, test_labels),
+        num_classes=len(class_names),
+        input_shape=(3, image_size, image_size),
+        class_names=list(class_names),
+    )
+
+
+def check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetError(
+            f"labels out of range in {path}: found {int(labels.min())}..{int(labels.max())}, expected 0..{num_classes - 1}",
+            fix="the file is corrupt or in another format; re-download it",
+        )
+
+
+# --- torchvision's readers, integrity checked by the plugin ------------------
+
+
+class _CheckedCIFAR10(CIFAR10):
+    """torchvision's CIFAR-10 reader; the plugin has checked the files (and md5s)."""
+
+    meta = {**CIFAR10.meta, "md5": None}  # check_integrity(path, None): the file exists
+
+    def _check_integrity(self) -> bool:
+        return True
+
+
+class _CheckedCIFAR100(CIFAR100):
+    """torchvision's CIFAR-100 reader; the plugin has checked the files (and md5s)."""
+
+    meta = {**CIFAR100.meta, "md5": None}
+
+    def _check_integrity(self) -> bool:
+        return True
+
+
+class _CheckedSTL10(STL10):
+    """torchvision's STL-10 reader; the plugin has checked the files it reads (torchvision
+    would also require, and md5, the 2.6 GB unlabelled file)."""
+
+    def _check_integrity(self) -> bool:
+        return True
+
+
+def _md5_table(cls) -> dict[str, str]:
+    table = {name: md5 for name, md5 in list(cls.train_list) + list(cls.test_list)}
+    meta = getattr(cls, "meta", None)
+    if isinstance(meta, dict):
+        table[meta["filename"]] = meta["md5"]
+    return table
+
+
+class TorchvisionDataset(Dataset):
+    """Shared by ``cifar10``, ``cifar100`` and ``stl10``."""
+
+    Params = TorchvisionParams
+    title: str = ""
+    reader: type = CIFAR10  # torchvision's class: folder, url, md5s
+    checked_reader: type = _CheckedCIFAR10
+    native_size: int = 32
+    stats: tuple = CIFAR10_STATS
+    data_description: str = ""
+
+    # -- files -------------------------------------------------------------
+    def root(self, context) -> str:
+        root = self.params.root or os.path.join(context.cache_dir, "datasets")
+        return context.resolve_path(root)
+
+    def folder(self, context) -> str:
+        return os.path.join(self.root(context), self.reader.base_folder)
+
+    def required_files(self) -> list[str]:
+        raise NotImplementedError
+
+    def missing_files(self, context) -> list[str]:
+        folder = self.folder(context)
+        return [os.path.join(folder, name) for name in self.required_files() if not os.path.isfile(os.path.join(folder, name))]
+
+    def not_found(self, context, missing: list[str]) -> DatasetError:
+        root = self.root(context)
+        where = f"{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        folder_note = "" if os.path.isdir(root) else f" (the folder {root} does not exist)"
+        return DatasetError(
+            f"{self.title} not found: missing {where}{folder_note}",
+            key="dataset.root",
+            fix=f"set download = true on a machine with internet, or place {self.data_description} under {root} "
+                f"(it is {self.reader.url}, extracted), or point root at the folder that holds {self.reader.base_folder}/",
+        )
+
+    def check(self, context) -> None:
+        if self.params.download:
+            return
+        missing = self.missing_files(context)
+        if missing:
+            raise self.not_found(context, missing)
+
+    def ensure_files(self, context) -> None:
+        missing = self.missing_files(context)
+        if missing and self.params.download:
+            root = self.root(context)
+            log.info("downloading %s to %s", self.title, root)
+            try:
+                download_and_extract_archive(self.reader.url, root, filename=self.reader.filename, md5=self.reader.tgz_md5)
+            except Exception as error:  # network errors come in many types (URLError, HTTPError, OSError, RuntimeError)
+                raise DatasetError(
+                    f"downloading {self.title} from {self.reader.url} failed: {error}",
+                    key="dataset.download",
+                    fix=f"check the internet connection, or download {self.reader.url} by hand and extract it under {root}",
+                ) from None
+            missing = self.missing_files(context)
+        if missing:
+            raise self.not_found(context, missing)
+        if self.params.verify_checksums:
+            table = _md5_table(self.reader)
+            folder = self.folder(context)
+            for name in self.required_files():
+                expected = table.get(name)
+                if expected is None:
+                    continue
+                path = os.path.join(folder, name)
+                actual = calculate_md5(path)
+                if actual != expected:
+                    raise DatasetError(
+                        f"{self.title} file is corrupt or not the published version: {path} (md5 {actual}, expected {expected})",
+                        key="dataset.root",
+                        fix="delete it and download again (download = true), or set verify_checksums = false if you made this file yourself",
+                    )
+
+    # -- reading -------------------------------------------------------------
+    def read(self, context, split: str):
+        """torchvision's reader for ``split`` ("train" or "test"), without transform."""
+        raise NotImplementedError
+
+    def read_checked(self, context, split: str):
+        try:
+            return self.read(context, split)
+        except DatasetError:
+            raise
+        except Exception as error:  # a truncated or foreign file fails deep in pickle/numpy
+            path = self.diagnose(context, split) or self.folder(context)
+            raise DatasetError(
+                f"cannot read {self.title} {split} data from {path}: {type(error).__name__}: {error}",
+                key="dataset.root",
+                fix="the file is corrupt or not in the expected format; delete it and download again (download = true)",
+            ) from None
+
+    def diagnose(self, context, split: str) -> str | None:
+        """The first file of ``split`` that cannot be read (called after a failure)."""
+        return None
+
+    def load(self, context) -> DataSplits:
+        self.ensure_files(context)
+        train = self.read_checked(context, "train")
+        test = self.read_checked(context, "test")
+        classes = self.class_names(train)
+        train_labels, test_labels = self.labels(train), self.labels(test)
+        check_labels(train_labels, len(classes), self.label_file(context, "train"))
+        check_labels(test_labels, len(classes), self.label_file(context, "test"))
+        p = self.params
+        image_size = p.image_size or self.native_size
+        mean, std = (p.mean, p.std) if p.mean is not None else self.stats
+        return make_splits(train, train_labels, test, test_labels, params=p, image_size=image_size, native_size=self.native_size,
+                           mean=mean, std=std, class_names=classes, source=self.title)
+
+    def class_names(self, base) -> list[str]:
+        return list(base.classes)
+
+    def labels(self, base) -> np.ndarray:
+        return np.asarray(base.targets, dtype=np.int64)
+
+    def label_file(self, context, split: str) -> str:
+        return self.folder(context)
+
+
+class _CIFAR(TorchvisionDataset):
+    def required_files(self) -> list[str]:
+        return [name for name, _ in self.reader.train_list + self.reader.test_list] + [self.reader.meta["filename"]]
+
+    def read(self, context, split):
+        return self.checked_reader(self.root(context), train=split == "train", download=False)
+
+    def diagnose(self, context, split):
+        names = [n for n, _ in (self.reader.train_list if split == "train" else self.reader.test_list)] + [self.reader.meta["filename"]]
+        for name in names:
+            path = os.path.join(self.folder(context), name)
+            try:
+                with open(path, "rb") as handle:
+                    entry = pickle.load(handle, encoding="latin1")
+                if name != self.reader.meta["filename"]:
+                    data = np.asarray(entry["data"])
+                    labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+                    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+                        return path
+                elif self.reader.meta["key"] not in entry:
+                    return path
+            except Exception:
+                return path
+        return None
+
+
+class Cifar10(_CIFAR):
+    """CIFAR-10 (60,000 32×32 images, 10 classes), torchvision's reader."""
+
+    name = "cifar10"
+    title = "CIFAR-10"
+    reader = CIFAR10
+    checked_reader = _CheckedCIFAR10
+    stats = CIFAR10_STATS
+    data_description = "the CIFAR-10 python version (cifar-10-batches-py/)"
+
+
+class Cifar100(_CIFAR):
+    """CIFAR-100 (60,000 32×32 images, 100 fine classes), torchvision's reader."""
+
+    name = "cifar100"
+    title = "CIFAR-100"
+    reader = CIFAR100
+    checked_reader = _CheckedCIFAR100
+    stats = CIFAR100_STATS
+    data_description = "the CIFAR-100 python version (cifar-100-python/)"
+
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+class Stl10(TorchvisionDataset):
+    """STL-10 labelled splits (train 5,000 / test 8,000, 96×96, 10 classes), torchvision's reader."""
+
+    name = "stl10"
+    title = "STL-10"
+    Params = STL10Params
+    reader = STL10
+    checked_reader = _CheckedSTL10
+    native_size = 96
+    stats = STL10_STATS
+    data_description = "the STL-10 binary version (stl10_binary/)"
+
+    def required_files(self) -> list[str]:
+        names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+        if self.params.fold is not None:
+            names.append(self.reader.folds_list_file)
+        return names
+
+    def read(self, context, split):
+        fold = self.params.fold if split == "train" else None
+        base = self.checked_reader(self.root(context), split=split, folds=fold, download=False)
+        if len(base.labels) != len(base.data):
+            raise DatasetError(
+                f"STL-10 {split}: {len(base.data)} images but {len(base.labels)} labels in {self.label_file(context, split)}",
+                fix="the files are corrupt or truncated; delete them and download again (download = true)",
+            )
+        return base
+
+    def diagnose(self, context, split):
+        image_bytes = 3 * 96 * 96
+        path = os.path.join(self.folder(context), f"{split}_X.bin")
+        if os.path.getsize(path) % image_bytes:
+            return path
+        if self.params.fold is not None and split == "train":
+            return os.path.join(self.folder(context), self.reader.folds_list_file)
+        return None
+
+    def class_names(self, base) -> list[str]:
+        names = list(getattr(base, "classes", None) or [])
+        return names if len(names) == 10 else list(STL10_CLASSES)
+
+    def labels(self, base) -> np.ndarray:
+        return np.asarray(base.labels, dtype=np.int64)
+
+    def label_file(self, context, split: str) -> str:
+        return os.path.join(self.folder(context), f"{split}_y.bin")
+
+
+@hookimpl
+def pyramidkd_register_datasets():
+    return [Cifar10, Cifar100, Stl10]
