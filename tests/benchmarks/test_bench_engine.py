@@ -42,14 +42,14 @@ SWITCHES = {
 }
 
 
-def stage_runner(folder: Path, stage_id: str, overrides=()) -> tuple[StageRunner, object, object]:
+def stage_runner(folder: Path, stage_id: str, overrides=(), device: str = "cpu") -> tuple[StageRunner, object, object]:
     """A StageRunner for one quickstart stage, set up and ready for train_epoch."""
-    overrides = ["train.epochs=1", *overrides]
+    overrides = ["train.epochs=1", f'experiment.device="{device}"', *overrides]
     if stage_id == "student-kd" and not (folder / "summary.json").exists():
         run_recipe(str(QUICKSTART), overrides, output=str(folder), quiet=True)  # trains the teacher
     prepared = prepare(str(QUICKSTART), overrides)
     data = prepared.dataset.instantiate().load(dataset_context(prepared.recipe))
-    run = Run(prepared.recipe, RunDirectory(str(folder)), torch.device("cpu"), prepared.stages, prepared.host, data, True, prepared.recipe.experiment.seed)
+    run = Run(prepared.recipe, RunDirectory(str(folder)), torch.device(device), prepared.stages, prepared.host, data, True, prepared.recipe.experiment.seed)
     for spec in prepared.loggers:  # the console logger in --quiet mode, as a real run has it
         if spec.name == "console":
             prepared.host.register_run_plugin(spec.instantiate(), "logger:console")
@@ -65,6 +65,7 @@ def bare_loop(runner: StageRunner):
     import copy
 
     student = copy.deepcopy(runner.student)
+    device = runner.device
     teacher = runner.teacher_taps[0].model
     dataset = runner.run.data.train
     settings = runner.stage.train
@@ -77,7 +78,8 @@ def bare_loop(runner: StageRunner):
         student.train()
         order = torch.randperm(len(dataset), generator=generator).tolist()
         batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-        for images, targets in torch.utils.data.DataLoader(dataset, batch_sampler=batches):
+        for images, targets in torch.utils.data.DataLoader(dataset, batch_sampler=batches, pin_memory=device.type == "cuda"):
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             logits = student(images)
             with torch.no_grad():
                 teacher_logits = teacher(images)
@@ -102,8 +104,12 @@ def interleaved(functions: dict, rounds: int) -> dict:
     times = {name: [] for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             start = time.perf_counter()
             function()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -140,15 +146,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--switches", default=",".join(SWITCHES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        runner, progress, loader = stage_runner(Path(folder) / "run", "student-kd")
+        runner, progress, loader = stage_runner(Path(folder) / "run", "student-kd", device=args.device)
         medians = interleaved({"engine": engine_loop(runner, progress, loader), "bare": bare_loop(runner)}, args.rounds)
-        print(f"KD epoch (quickstart student, {len(runner.run.data.train)} images, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+        print(f"KD epoch (quickstart student, {len(runner.run.data.train)} images, torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads)")
         print(f"  engine {medians['engine'] * 1e3:.1f} ms  bare {medians['bare'] * 1e3:.1f} ms  engine/bare {medians['engine'] / medians['bare']:.3f}")
         print("teacher stage throughput (images/s):")
         for index, switch in enumerate(args.switches.split(",")):
-            runner, progress, loader = stage_runner(Path(folder) / f"t{index}", "teacher", SWITCHES[switch])
+            runner, progress, loader = stage_runner(Path(folder) / f"t{index}", "teacher", SWITCHES[switch], device=args.device)
             seconds = interleaved({switch: engine_loop(runner, progress, loader)}, max(3, args.rounds // 2))[switch]
             print(f"  {switch:14s} {len(runner.run.data.train) / seconds:8.0f}")
 
