@@ -19,7 +19,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .components import COMPONENT_KINDS, Component
+from .components import COMPONENT_KINDS
 from .errors import PluginError, RecipeError, UserError
 
 ENTRY_POINT_GROUP = "pyramidkd"

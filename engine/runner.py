@@ -5,7 +5,6 @@ completed and resuming the one it left unfinished.
 
 from __future__ import annotations
 
-import difflib
 import os
 import signal
 import threading

@@ -6,7 +6,6 @@ import json
 import sys
 import types
 
-import attrs
 import pytest
 
 from pyramidkd.engine import Loss, PluginError, RecipeError, hookimpl
