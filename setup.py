@@ -13,6 +13,7 @@ the CUDA part when nvcc is found or ``FORCE_CUDA=1``.
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -71,6 +72,14 @@ def extension_modules():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     # No -march=native: shipped builds must run on any x86-64; at::vec dispatches at run time.
     cxx_flags = ["-O3", "-std=c++20", "-fdiagnostics-color=always"]
+    link_openmp = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is an inline `#pragma omp parallel` in ATen's
+        # headers: without -fopenmp the CPU kernel silently runs on one
+        # thread.  The library links libgomp.so.1 by SONAME, the one torch
+        # bundles and has already loaded, so both share one thread pool.
+        cxx_flags.append("-fopenmp")
+        link_openmp = ["-fopenmp"]
     extra = {"cxx": cxx_flags}
     # torch's BuildExtension adds -DPy_LIMITED_API=<its minimum CPython> itself
     # for py_limited_api extensions; defining it here too only redefines it.
@@ -78,7 +87,7 @@ def extension_modules():
     # Find libc10/libtorch without `import torch` first: next to an installed
     # torch ($ORIGIN/../torch/lib) and where the build-time torch lives.
     torch_lib = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "lib")
-    link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
+    link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"] + link_openmp
     if use_cuda and cuda_sources:
         # ... and the CUDA runtime of torch's pip wheels (nvidia/cu<major>/lib).
         cuda_major = (torch.version.cuda or os.environ.get("CUDA_VERSION", "13")).split(".")[0]

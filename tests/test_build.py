@@ -22,3 +22,19 @@ def test_the_kd_loss_plugin_runs_on_the_fused_op():
 
     assert ops.fused_available(), ops.fused_unavailable_reason()
     assert KDLoss().use_fused
+
+
+@pytest.mark.skipif(not ops.fused_available(), reason="the extension is not built")
+def test_cpu_kernel_is_built_with_openmp():
+    """at::parallel_for is an inline `#pragma omp parallel` in ATen's headers:
+    compiled without -fopenmp, the CPU kernel silently runs on one thread."""
+    import sys
+
+    import torch
+
+    if not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")):
+        pytest.skip("torch without OpenMP, or not Linux: setup.py adds -fopenmp only there")
+    import pyramidkd._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), "pyramidkd._C was compiled without -fopenmp"
