@@ -369,12 +369,15 @@ def _cpu_flags():
 
 
 def test_cpu_kernel_variants_agree(tmp_path):
-    """The baseline (non-SIMD) and AVX512 builds of the row kernel agree with
-    the one this process uses (AVX2 on the CI machine)."""
+    """Every build of the row kernel this CPU can run (baseline, AVX2, AVX512)
+    agrees with the one this process uses."""
     here = {}
     exec(compile(_VARIANT_CODE, "variant", "exec"), here)  # noqa: S102 - fixed test code
     base_name, base = ops.cpu_kernel_name(), here["outs"]
-    others = ["default"] + (["avx512"] if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags() else [])
+    flags = _cpu_flags()
+    others = ["default"]
+    others += ["avx2"] if {"avx2", "fma", "f16c"} <= flags else []
+    others += ["avx512"] if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else []
     for cap in others:
         if cap == base_name:
             continue
@@ -433,6 +436,10 @@ def test_availability_api():
     assert ops.fused_available() is True
     assert ops.fused_unavailable_reason() is None
     assert ops.cpu_kernel_name() in {"default", "avx2", "avx512"}
+    if "PYRAMIDKD_CPU_CAPABILITY" not in os.environ:
+        # the kernel follows ATen's choice of instruction set
+        aten = torch.backends.cpu.get_cpu_capability().lower()
+        assert ops.cpu_kernel_name() == (aten if aten in {"avx2", "avx512"} else "default")
     if HAS_CUDA or os.environ.get("PYRAMIDKD_EXPECT_CUDA_BUILD") == "1":
         assert ops.fused_cuda_built(), "the extension was built without its CUDA kernel"
 

@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -54,10 +55,11 @@ bool cpu_has(const char* feature) {
   return false;
 }
 
-// Picks the widest kernel the CPU supports.  PYRAMIDKD_CPU_CAPABILITY
-// (default | avx2 | avx512) caps the choice, e.g. to test the fallbacks; like
-// ATen, AVX512 is used only when asked for or when ATEN_CPU_CAPABILITY says so,
-// because on many chips it lowers the clock for little gain here.
+// Picks the kernel for the instruction set ATen itself uses on this CPU
+// (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY), so that we
+// follow its judgement of where AVX512 pays.  PYRAMIDKD_CPU_CAPABILITY
+// (default | avx2 | avx512) overrides it, e.g. to test the fallbacks; a
+// choice the CPU cannot run falls back to the next narrower one.
 struct Selected {
   KdRowsFn fn;
   const char* name;
@@ -67,10 +69,8 @@ Selected select_kernel() {
   std::string cap;
   if (const char* e = std::getenv("PYRAMIDKD_CPU_CAPABILITY")) {
     cap = e;
-  } else if (const char* e2 = std::getenv("ATEN_CPU_CAPABILITY")) {
-    cap = e2;
   } else {
-    cap = "avx2";
+    cap = at::get_cpu_capability();
   }
   for (auto& ch : cap) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (cap == "avx512" && kd_rows_avx512 != nullptr && cpu_has("avx512")) {

@@ -3,15 +3,18 @@
 // CPU_CAPABILITY (DEFAULT / AVX2 / AVX512), the matching CPU_CAPABILITY_*
 // macro and PYRAMIDKD_ROWS_FN (the name of the exported function pointer).
 //
-// Per row (u = t/T, v = s/T, shifted by their maxima):
+// Per row, in base-2 units (u = (t - max t) log2(e) / T, v likewise for s):
 //   pass 1: max s, max t                                  (no exp)
-//   pass 2: Zs = sum e^v, Zt = sum e^u, A = sum e^u (u - v),
-//           Zr = sum e^(s - max s) for the cross-entropy   (2-3 exp / element)
-//           e^u (and e^(s - max s)) are kept in a row-sized scratch buffer and
-//           e^v in the gradient row, so the gradient pass needs no exp.
-//   KL_row = A / Zt + log Zs - log Zt
-//   pass 3: grad_s = kd (e^v / Zs - e^u / Zt) + ce (e^r / Zr - onehot)
-//           grad_t = kd e^u / Zt ((u - v) - A / Zt)
+//   pass 2: Zs = sum 2^v, Zt = sum 2^u, A = sum 2^u (u - v),
+//           Zr = sum 2^((s - max s) log2 e) for the cross-entropy
+//           (2-3 exp2 / element).  2^u (and the CE term) are kept in a
+//           row-sized scratch buffer and 2^v in the gradient row, so the
+//           gradient pass needs no exp.
+//   KL_row = ln2 A / Zt + ln Zs - ln Zt
+//   pass 3: grad_s = kd (2^v / Zs - 2^u / Zt) + ce (2^r / Zr - onehot)
+//           grad_t = kd 2^u / Zt ln2 ((u - v) - A / Zt)
+// Working in base 2 lets exp2_nonpos() below replace the general exp: one
+// scale, a rounding, a degree-5 polynomial and an integer add.
 // Reductions use per-lane accumulators combined in a fixed order, so results
 // do not depend on the thread count.
 #pragma once
@@ -33,20 +36,15 @@ namespace CPU_CAPABILITY {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
+// Horizontal sum / max by shuffle trees (at::vec): a few instructions
+// instead of a kW-long scalar chain, which matters for short rows (C ~ 100).
 inline float hsum(const Vec& v) {
-  alignas(64) float buf[kW];
-  v.store(buf);
-  float acc = 0.f;
-  for (int64_t i = 0; i < kW; ++i) acc += buf[i];
-  return acc;
+  return at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, v);
 }
 
 inline float hmax(const Vec& v) {
-  alignas(64) float buf[kW];
-  v.store(buf);
-  float acc = buf[0];
-  for (int64_t i = 1; i < kW; ++i) acc = acc > buf[i] ? acc : buf[i];
-  return acc;
+  return at::vec::vec_reduce_all<float>(
+      [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, v);
 }
 
 // Partial (n < kW lanes) loads and stores for row tails.  at::vec's
@@ -98,6 +96,49 @@ inline Vec load_tail(const float* p, int64_t n, const Vec& fill) {
   return Vec::set(fill, load_part(p, n), n);
 }
 
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// 2^x for x <= 0, the only range the kernel needs (arguments are shifted by
+// the row maximum).  x is clamped below at -100: 2^-100 is negligible next to
+// the row's largest term (1) and keeps every result a normal float (no
+// denormal slow paths); NaN propagates.  n = round(x) via the 1.5 * 2^23
+// shifter, 2^(x - n) by a degree-5 minimax polynomial on [-1/2, 1/2] with
+// c0 = 1, so that 2^0 (a row's largest term) is exact (relative error 1.9e-7
+// in float arithmetic, ~2 ulp), and n added to the exponent bits.  About 11
+// instructions, against ~17 for at::vec's exp_u20.
+inline Vec exp2_nonpos(const Vec& x) {
+  constexpr float c0 = 1.f, c1 = 0.693147004f, c2 = 0.240222424f,
+                  c3 = 0.0555073358f, c4 = 0.00967151299f, c5 = 0.00132647273f;
+  constexpr float lowest = -100.f, shifter = 12582912.f;  // 1.5 * 2^23
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(lowest), x);  // NaN in x wins
+  const __m512 r = _mm512_add_ps(xc, _mm512_set1_ps(shifter));
+  const __m512 f = _mm512_sub_ps(xc, _mm512_sub_ps(r, _mm512_set1_ps(shifter)));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(c5), f, _mm512_set1_ps(c4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c0));
+  // the low bits of r hold n; shifted into the exponent field they add n to it
+  const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(r), 23);
+  return Vec(_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(lowest), x);
+  const __m256 r = _mm256_add_ps(xc, _mm256_set1_ps(shifter));
+  const __m256 f = _mm256_sub_ps(xc, _mm256_sub_ps(r, _mm256_set1_ps(shifter)));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(c5), f, _mm256_set1_ps(c4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c0));
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(r), 23);
+  return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e)));
+#else
+  return at::vec::maximum(x, Vec(lowest)).exp2();
+#endif
+}
+
 struct RowOut {
   double kl;
   double ce;
@@ -136,19 +177,20 @@ inline RowOut kd_row_f32(
   const float ms = hmax(vms);
   const float mt = hmax(vmt);
 
-  // pass 2: sums
-  const Vec v_ms(ms), v_mt(mt), v_invT(inv_T), zero(0.f);
+  // pass 2: sums.  v, u (and the CE exponent r) are in base-2 units.
+  const float scale2 = inv_T * kLog2e;
+  const Vec v_ms(ms), v_mt(mt), v_scale2(scale2), v_log2e(kLog2e), zero(0.f);
   Vec zs(0.f), zt(0.f), acc_a(0.f), zr(0.f);
-  float* ev_buf = gs;  // e^v is parked in the student-gradient row
+  float* ev_buf = gs;  // 2^v is parked in the student-gradient row
   auto body = [&](const Vec& xs, const Vec& xt, int64_t i, int64_t n) {
     const Vec ds = xs - v_ms;
-    const Vec v = ds * v_invT;
-    const Vec u = (xt - v_mt) * v_invT;
-    Vec ev = v.exp_u20();
-    Vec eu = u.exp_u20();
+    const Vec v = ds * v_scale2;
+    const Vec u = (xt - v_mt) * v_scale2;
+    Vec ev = exp2_nonpos(v);
+    Vec eu = exp2_nonpos(u);
     Vec d = u - v;
     Vec er;
-    if (ce) er = unit_T ? ev : ds.exp_u20();
+    if (ce) er = unit_T ? ev : exp2_nonpos(ds * v_log2e);
     if (n != kW) {  // tail: drop the padded lanes
       ev = Vec::set(zero, ev, n);
       eu = Vec::set(zero, eu, n);
@@ -173,10 +215,10 @@ inline RowOut kd_row_f32(
   }
   const float Zs = hsum(zs);
   const float Zt = hsum(zt);
-  const float A = hsum(acc_a);
-  const float a_over_zt = A / Zt;
+  const float a_over_zt = hsum(acc_a) / Zt;  // base-2 units
   RowOut out;
-  out.kl = static_cast<double>(a_over_zt) + static_cast<double>(std::log(Zs / Zt));
+  out.kl = static_cast<double>(kLn2) * static_cast<double>(a_over_zt) +
+      static_cast<double>(std::log(Zs / Zt));
   out.ce = 0.0;
   float Zr = 1.f;
   if (ce) {
@@ -192,19 +234,19 @@ inline RowOut kd_row_f32(
   const Vec c_ev(kd / Zs), c_eu(kd / Zt);
   // rows with an ignored label get no cross-entropy gradient
   const Vec c_er(ce && label >= 0 ? a.ce_grad_scale / Zr : 0.f);
-  const Vec c_gt(kd / Zt), v_a_over_zt(a_over_zt);
+  const Vec c_gt(kd / Zt * kLn2), v_a_over_zt(a_over_zt);
   const float* er_src = unit_T ? ev_buf : er_buf;
   auto grad_body = [&](int64_t i, int64_t n) {
     const Vec eu = load_n(eu_buf + i, n);
     if (gs) {
       const Vec ev = load_n(ev_buf + i, n);
-      Vec g = ev * c_ev - eu * c_eu;
+      Vec g = ev * c_ev - eu * c_eu;  // exactly 0 where s = t
       if (ce) g = at::vec::fmadd(load_n(er_src + i, n), c_er, g);
       store_n(g, gs + i, n);
     }
     if (gt) {
       const Vec xs = load_n(s + i, n), xt = load_n(t + i, n);
-      const Vec d = ((xt - v_mt) - (xs - v_ms)) * v_invT;
+      const Vec d = ((xt - v_mt) - (xs - v_ms)) * v_scale2;
       const Vec g = eu * c_gt * (d - v_a_over_zt);
       store_n(g, gt + i, n);
     }
