@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -54,6 +55,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd(
   return op.call(s, t, labels, temperature, alpha, ignore_index, grad_s, grad_t);
 }
 
+// A real CPU tensor whose value can be read on the host: not a fake,
+// functional or subclass tensor, and no Python dispatch mode is tracing
+// (torch.compile / export trace the backward with such tensors).
+bool is_plain_cpu(const at::Tensor& x) {
+  const c10::DispatchKeySet ks = x.key_set();
+  return x.is_cpu() && x.has_storage() && !ks.has(c10::DispatchKey::Python) &&
+      !ks.has(c10::DispatchKey::Functionalize) &&
+      !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) &&
+      !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::PythonDispatcher);
+}
+
 // Backward node: grad_s = saved_grad_s * grad_output (same for the teacher).
 // When the engine announces that the graph is freed after this node
 // (retain_graph=False, the usual case) the saved gradient buffer is scaled in
@@ -93,6 +105,13 @@ struct KdLossBackward : public torch::autograd::Node {
       auto& saved = i == 0 ? grad_student_ : grad_teacher_;
       at::Tensor g = saved.unpack();
       TORCH_CHECK(g.defined(), "kd_loss: gradient ", i, " was not computed in the forward");
+      if (released_after_apply_ && is_plain_cpu(grad) && grad.numel() == 1 &&
+          grad.item<double>() == 1.0) {
+        // loss.backward(): on the CPU reading grad_output costs no device
+        // sync, and skipping the multiply saves a pass over [B, C].
+        out[i] = g;
+        continue;
+      }
       const at::Tensor scale = grad.to(g.scalar_type());
       out[i] = released_after_apply_ ? g.mul_(scale) : g * scale;
     }
