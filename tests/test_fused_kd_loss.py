@@ -181,6 +181,28 @@ def test_huge_logits_stay_finite(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_teacher_masked_class_counts_as_zero(device, dtype):
+    """A teacher logit of -inf (a masked class, p = 0) adds nothing, as in
+    F.kl_div, instead of 0 * -inf = nan; the gradients stay finite."""
+    for B, C in [(3, 7), (4, 1025)]:
+        s, t = logits(B, C, device, dtype)
+        t = t.clone()
+        t[:, 1] = float("-inf")
+        t[0, C - 1] = float("-inf")
+        for T in (1.0, 4.0):
+            loss, (gs, gt) = fused(s, t, T, teacher_grad=True)
+            s_ref = s.detach().clone().requires_grad_()
+            want = ops.kd_loss_eager(s_ref, t, temperature=T)
+            (want_gs,) = torch.autograd.grad(want, s_ref)
+            torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(gs, want_gs, rtol=1e-4, atol=1e-7)
+            assert torch.isfinite(gt).all()
+            # 0, or 2^-100-sized where float32 clamps the exponent
+            assert gt[:, 1].abs().max() <= 1e-20 and gt[0, C - 1].abs() <= 1e-20
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     B, C = 6, 101
     base_s, base_t = logits(B, 2 * C + 3, device)

@@ -123,7 +123,7 @@ void kd_rows_double(
       eu[c] = std::exp(u);
       zs += ev[c];
       zt += eu[c];
-      A += eu[c] * (u - v);
+      if (eu[c] > 0) A += eu[c] * (u - v);  // teacher -inf (p = 0): no 0 * -inf
       if (use_ce) {
         er[c] = std::exp(s[c] - ms);
         zr += er[c];
@@ -147,7 +147,7 @@ void kd_rows_double(
       double* gt = GT + r * C;
       for (int64_t c = 0; c < C; ++c) {
         const double d = ((t[c] - mt) - (s[c] - ms)) * inv_T;
-        gt[c] = kd * eu[c] / zt * (d - a_over_zt);
+        gt[c] = eu[c] > 0 ? kd * eu[c] / zt * (d - a_over_zt) : 0.0;
       }
     }
   }

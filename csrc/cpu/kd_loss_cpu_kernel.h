@@ -25,6 +25,8 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "kd_loss_cpu.h"
@@ -99,44 +101,55 @@ inline Vec load_tail(const float* p, int64_t n, const Vec& fill) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
+constexpr float kExp2Lowest = -100.f;  // exp2_nonpos clamps its argument here
+
+// Multiplies p by 2^n, where n is held in the low mantissa bits of r (see
+// exp2_nonpos): shifted into the exponent field, they add n to p's exponent.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec scale_by_pow2(const Vec& p, const Vec& r) {
+  const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(r), 23);
+  return Vec(_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec scale_by_pow2(const Vec& p, const Vec& r) {
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(r), 23);
+  return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e)));
+}
+#else
+inline Vec scale_by_pow2(const Vec& p, const Vec& r) {
+  alignas(64) float pv[kW], rv[kW];
+  p.store(pv);
+  r.store(rv);
+  for (int64_t i = 0; i < kW; ++i) {
+    uint32_t pb, rb;
+    std::memcpy(&pb, pv + i, 4);
+    std::memcpy(&rb, rv + i, 4);
+    pb += rb << 23;
+    std::memcpy(pv + i, &pb, 4);
+  }
+  return Vec::loadu(pv);
+}
+#endif
+
 // 2^x for x <= 0, the only range the kernel needs (arguments are shifted by
 // the row maximum).  x is clamped below at -100: 2^-100 is negligible next to
 // the row's largest term (1) and keeps every result a normal float (no
-// denormal slow paths); NaN propagates.  n = round(x) via the 1.5 * 2^23
-// shifter, 2^(x - n) by a degree-5 minimax polynomial on [-1/2, 1/2] with
-// c0 = 1, so that 2^0 (a row's largest term) is exact (relative error 1.9e-7
-// in float arithmetic, ~2 ulp), and n added to the exponent bits.  About 11
-// instructions, against ~17 for at::vec's exp_u20.
+// denormal slow paths).  n = round(x) via the 1.5 * 2^23 shifter, 2^(x - n)
+// by a degree-5 minimax polynomial on [-1/2, 1/2] with c0 = 1, so that 2^0 (a
+// row's largest term) is exact (relative error 1.9e-7 in float arithmetic,
+// ~2 ulp), then n added to the exponent bits.  About 11 instructions, against
+// ~17 for at::vec's exp_u20; the same algorithm in every ISA build.
 inline Vec exp2_nonpos(const Vec& x) {
-  constexpr float c0 = 1.f, c1 = 0.693147004f, c2 = 0.240222424f,
-                  c3 = 0.0555073358f, c4 = 0.00967151299f, c5 = 0.00132647273f;
-  constexpr float lowest = -100.f, shifter = 12582912.f;  // 1.5 * 2^23
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(lowest), x);  // NaN in x wins
-  const __m512 r = _mm512_add_ps(xc, _mm512_set1_ps(shifter));
-  const __m512 f = _mm512_sub_ps(xc, _mm512_sub_ps(r, _mm512_set1_ps(shifter)));
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(c5), f, _mm512_set1_ps(c4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c1));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c0));
-  // the low bits of r hold n; shifted into the exponent field they add n to it
-  const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(r), 23);
-  return Vec(_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e)));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(lowest), x);
-  const __m256 r = _mm256_add_ps(xc, _mm256_set1_ps(shifter));
-  const __m256 f = _mm256_sub_ps(xc, _mm256_sub_ps(r, _mm256_set1_ps(shifter)));
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(c5), f, _mm256_set1_ps(c4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c0));
-  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(r), 23);
-  return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e)));
-#else
-  return at::vec::maximum(x, Vec(lowest)).exp2();
-#endif
+  const Vec shifter(12582912.f);  // 1.5 * 2^23
+  const Vec xc = at::vec::clamp_min(x, Vec(kExp2Lowest));  // NaN in x propagates (x86)
+  const Vec r = xc + shifter;  // n in the low mantissa bits
+  const Vec f = xc - (r - shifter);
+  Vec p = at::vec::fmadd(Vec(0.00132647273f), f, Vec(0.00967151299f));
+  p = at::vec::fmadd(p, f, Vec(0.0555073358f));
+  p = at::vec::fmadd(p, f, Vec(0.240222424f));
+  p = at::vec::fmadd(p, f, Vec(0.693147004f));
+  p = at::vec::fmadd(p, f, Vec(1.f));
+  return scale_by_pow2(p, r);
 }
 
 struct RowOut {
@@ -163,16 +176,18 @@ inline RowOut kd_row_f32(
   const int64_t C_vec = C - (C % kW);
   const int64_t tail = C - C_vec;
 
-  // pass 1: maxima
+  // pass 1: maxima, by the bare max instruction (clamp_min): at::vec::maximum
+  // adds three instructions per vector to propagate NaN, which pass 2 does
+  // anyway (a NaN logit makes its v or u, and so the sums, NaN).
   const float neg_inf = -std::numeric_limits<float>::infinity();
   Vec vms(neg_inf), vmt(neg_inf);
   for (int64_t i = 0; i < C_vec; i += kW) {
-    vms = at::vec::maximum(vms, Vec::loadu(s + i));
-    vmt = at::vec::maximum(vmt, Vec::loadu(t + i));
+    vms = at::vec::clamp_min(Vec::loadu(s + i), vms);
+    vmt = at::vec::clamp_min(Vec::loadu(t + i), vmt);
   }
   if (tail) {
-    vms = at::vec::maximum(vms, load_tail(s + C_vec, tail, Vec(neg_inf)));
-    vmt = at::vec::maximum(vmt, load_tail(t + C_vec, tail, Vec(neg_inf)));
+    vms = at::vec::clamp_min(load_tail(s + C_vec, tail, Vec(neg_inf)), vms);
+    vmt = at::vec::clamp_min(load_tail(t + C_vec, tail, Vec(neg_inf)), vmt);
   }
   const float ms = hmax(vms);
   const float mt = hmax(vmt);
@@ -185,7 +200,9 @@ inline RowOut kd_row_f32(
   auto body = [&](const Vec& xs, const Vec& xt, int64_t i, int64_t n) {
     const Vec ds = xs - v_ms;
     const Vec v = ds * v_scale2;
-    const Vec u = (xt - v_mt) * v_scale2;
+    // u is clamped as exp2_nonpos clamps it, so that a teacher logit of -inf
+    // (a masked class, p = 0) adds 2^-100 * finite to A, not 2^-100 * -inf.
+    const Vec u = at::vec::clamp_min((xt - v_mt) * v_scale2, Vec(kExp2Lowest));
     Vec ev = exp2_nonpos(v);
     Vec eu = exp2_nonpos(u);
     Vec d = u - v;
@@ -246,7 +263,8 @@ inline RowOut kd_row_f32(
     }
     if (gt) {
       const Vec xs = load_n(s + i, n), xt = load_n(t + i, n);
-      const Vec d = ((xt - v_mt) - (xs - v_ms)) * v_scale2;
+      const Vec u = at::vec::clamp_min((xt - v_mt) * v_scale2, Vec(kExp2Lowest));
+      const Vec d = u - (xs - v_ms) * v_scale2;  // as in pass 2
       const Vec g = eu * c_gt * (d - v_a_over_zt);
       store_n(g, gt + i, n);
     }

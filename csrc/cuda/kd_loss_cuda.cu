@@ -156,7 +156,7 @@ __device__ __forceinline__ void absorb(
     const acc_t eu = fast_exp(u);
     st.zs += fast_exp(v);
     st.zt += eu;
-    st.w += eu * (u - v);
+    st.w += eu > acc_t(0) ? eu * (u - v) : acc_t(0);  // teacher -inf (p = 0): no 0 * -inf
     if (ce) st.zr += fast_exp(xs[i] - st.ms);
   }
 }
@@ -277,7 +277,7 @@ __device__ __forceinline__ void grad_elem(
     gs += f.c_er * (f.unit_T ? ev : fast_exp(ds));
     if (c == f.label) gs -= f.ce_scale;
   }
-  gt = f.c_eu * eu * ((u - v) - f.w_over_zt);
+  gt = eu > acc_t(0) ? f.c_eu * eu * ((u - v) - f.w_over_zt) : acc_t(0);
 }
 
 template <typename scalar_t, int VEC>
