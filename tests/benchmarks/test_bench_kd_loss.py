@@ -80,10 +80,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _bench_enabled(config) -> bool:
-    return os.environ.get("PYRAMIDKD_BENCH") == "1" or not config.getoption("benchmark_disable", default=True)
-
-
 def _skip_unless_runnable(impl, device):
     if impl == "fused" and not ops.fused_available():
         pytest.skip(f"fused op unavailable: {ops.fused_unavailable_reason()}")
@@ -98,9 +94,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{c}" for b, c in SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_fwd_bwd(benchmark, request, impl, shape, dtype_name, device):
+def test_bench_fwd_bwd(benchmark, impl, shape, dtype_name, device):
     _skip_unless_runnable(impl, device)
-    enabled = _bench_enabled(request.config)
+    enabled = benchmark.enabled or os.environ.get("PYRAMIDKD_BENCH") == "1"
     if shape not in SMALL_SHAPES and not enabled:
         pytest.skip("large shape: run with --benchmark-enable or PYRAMIDKD_BENCH=1")
     if impl == "compiled" and not enabled:
@@ -116,6 +112,24 @@ def test_bench_fwd_bwd(benchmark, request, impl, shape, dtype_name, device):
         _sync(device)
 
     benchmark(step)
+
+
+def test_ratios_from_pytest_benchmark_json(tmp_path):
+    """The ratio helper reads pytest-benchmark's JSON (median per case)."""
+    import json
+
+    medians = {"fused": 0.001, "eager": 0.005, "compiled": 0.002, "exp2": 0.0008}
+    benchmarks = [
+        {"params": {"impl": impl, "shape": [256, 100], "dtype_name": "fp32", "device": "cpu"}, "stats": {"median": m}}
+        for impl, m in medians.items()
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks}))
+    (row,) = ratios_from_pytest_benchmark(path)
+    assert (row["B"], row["C"], row["dtype"]) == (256, 100, "fp32")
+    assert row["eager/fused"] == pytest.approx(5.0)
+    assert row["compiled/fused"] == pytest.approx(2.0)
+    assert row["fused/exp2"] == pytest.approx(1.25)
 
 
 # ---------------------------------------------------------------- ratio table
@@ -246,6 +260,35 @@ def _format_row(r):
     return text
 
 
+def ratios_from_pytest_benchmark(path):
+    """Rows of median times and ratios from a pytest-benchmark JSON file
+    (``pytest tests/benchmarks/test_bench_kd_loss.py --benchmark-enable
+    --benchmark-json=FILE``): each case timed in its own warm loop, all in
+    one pytest run."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    cases = {}
+    for bench in data["benchmarks"]:
+        p = bench["params"]
+        key = (p["device"], p["dtype_name"], tuple(p["shape"]))
+        cases.setdefault(key, {})[p["impl"]] = bench["stats"]["median"]
+    rows = []
+    for (device, dtype_name, (B, C)), t in sorted(cases.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        if not {"fused", "eager", "compiled", "exp2"} <= set(t):
+            continue
+        row = {"device": device, "dtype": dtype_name, "B": B, "C": C, **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
+        row.update({"eager/fused": t["eager"] / t["fused"], "compiled/fused": t["compiled"] / t["fused"], "fused/exp2": t["fused"] / t["exp2"]})
+        rows.append(row)
+        print(
+            f"{device} {dtype_name:>4} {B:>5}x{C:<6} fused {row['fused_ms']:9.3f} ms  eager {row['eager_ms']:9.3f}  "
+            f"compiled {row['compiled_ms']:9.3f}  exp2 {row['exp2_ms']:9.3f} | eager/fused {row['eager/fused']:6.2f}x  "
+            f"compiled/fused {row['compiled/fused']:5.2f}x  fused/exp2 {row['fused/exp2']:5.2f}"
+        )
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -253,10 +296,14 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), action="append")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--from-pytest-benchmark", metavar="FILE", help="print the ratios of a pytest-benchmark JSON file")
     parser.add_argument("--memory-only", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_only:
         return _memory_only(args.memory_only)
+    if args.from_pytest_benchmark:
+        ratios_from_pytest_benchmark(args.from_pytest_benchmark)
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     if not ops.fused_available():
