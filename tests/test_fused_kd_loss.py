@@ -377,7 +377,7 @@ for dt in (torch.float32, torch.bfloat16):
     loss = ops.kd_loss(a, b, temperature=2.0, labels=lab, alpha=0.5)
     loss.backward()
     outs.append((loss.detach().float(), a.grad.float(), b.grad.float()))
-if len(sys.argv) > 1:
+if __name__ == "__main__":  # run by `python -c` in a subprocess, not exec'd in the test
     torch.save((ops.cpu_kernel_name(), outs), sys.argv[1])
 """
 
@@ -393,7 +393,7 @@ def _cpu_flags():
 def test_cpu_kernel_variants_agree(tmp_path):
     """Every build of the row kernel this CPU can run (baseline, AVX2, AVX512)
     agrees with the one this process uses."""
-    here = {}
+    here = {"__name__": "variant"}
     exec(compile(_VARIANT_CODE, "variant", "exec"), here)  # noqa: S102 - fixed test code
     base_name, base = ops.cpu_kernel_name(), here["outs"]
     flags = _cpu_flags()
