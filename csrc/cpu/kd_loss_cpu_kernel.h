@@ -13,7 +13,7 @@
 //   KL_row = ln2 A / Zt + ln Zs - ln Zt
 //   pass 3: grad_s = kd (2^v / Zs - 2^u / Zt) + ce (2^r / Zr - onehot)
 //           grad_t = kd 2^u / Zt ln2 ((u - v) - A / Zt)
-// Working in base 2 lets exp2_nonpos() below replace the general exp: one
+// Working in base 2 lets exp2_clamped() below replace the general exp: one
 // scale, a rounding, a degree-5 polynomial and an integer add.
 // Reductions use per-lane accumulators combined in a fixed order, so results
 // do not depend on the thread count.
@@ -101,10 +101,10 @@ inline Vec load_tail(const float* p, int64_t n, const Vec& fill) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
-constexpr float kExp2Lowest = -100.f;  // exp2_nonpos clamps its argument here
+constexpr float kExp2Lowest = -100.f;  // lower clamp of exp2 arguments
 
 // Multiplies p by 2^n, where n is held in the low mantissa bits of r (see
-// exp2_nonpos): shifted into the exponent field, they add n to p's exponent.
+// exp2_clamped): shifted into the exponent field, they add n to p's exponent.
 #if defined(CPU_CAPABILITY_AVX512)
 inline Vec scale_by_pow2(const Vec& p, const Vec& r) {
   const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(r), 23);
@@ -131,17 +131,18 @@ inline Vec scale_by_pow2(const Vec& p, const Vec& r) {
 }
 #endif
 
-// 2^x for x <= 0, the only range the kernel needs (arguments are shifted by
-// the row maximum).  x is clamped below at -100: 2^-100 is negligible next to
-// the row's largest term (1) and keeps every result a normal float (no
-// denormal slow paths).  n = round(x) via the 1.5 * 2^23 shifter, 2^(x - n)
-// by a degree-5 minimax polynomial on [-1/2, 1/2] with c0 = 1, so that 2^0 (a
-// row's largest term) is exact (relative error 1.9e-7 in float arithmetic,
-// ~2 ulp), then n added to the exponent bits.  About 11 instructions, against
-// ~17 for at::vec's exp_u20; the same algorithm in every ISA build.
-inline Vec exp2_nonpos(const Vec& x) {
+// 2^x for x in [kExp2Lowest, 0] (or NaN): arguments are shifted by the row
+// maximum and clamped by the caller (exp2_nonpos below, or pass 2 for u,
+// which needs the clamped value itself).  The clamp at -100 costs nothing
+// measurable (2^-100 next to the row's largest term, 1) and keeps every result
+// a normal float (no denormal slow paths).  n = round(x) via the 1.5 * 2^23
+// shifter, 2^(x - n) by a degree-5 minimax polynomial on [-1/2, 1/2] with
+// c0 = 1, so that 2^0 (a row's largest term) is exact (relative error 1.9e-7
+// in float arithmetic, ~2 ulp), then n added to the exponent bits.  About 10
+// instructions, against ~17 for at::vec's exp_u20; the same algorithm in
+// every ISA build.
+inline Vec exp2_clamped(const Vec& xc) {
   const Vec shifter(12582912.f);  // 1.5 * 2^23
-  const Vec xc = at::vec::clamp_min(x, Vec(kExp2Lowest));  // NaN in x propagates (x86)
   const Vec r = xc + shifter;  // n in the low mantissa bits
   const Vec f = xc - (r - shifter);
   Vec p = at::vec::fmadd(Vec(0.00132647273f), f, Vec(0.00967151299f));
@@ -150,6 +151,15 @@ inline Vec exp2_nonpos(const Vec& x) {
   p = at::vec::fmadd(p, f, Vec(0.693147004f));
   p = at::vec::fmadd(p, f, Vec(1.f));
   return scale_by_pow2(p, r);
+}
+
+// Clamps x <= 0 at kExp2Lowest (a NaN in x propagates on x86) for exp2_clamped.
+inline Vec clamp_exp2_arg(const Vec& x) {
+  return at::vec::clamp_min(x, Vec(kExp2Lowest));
+}
+
+inline Vec exp2_nonpos(const Vec& x) {
+  return exp2_clamped(clamp_exp2_arg(x));
 }
 
 struct RowOut {
@@ -200,11 +210,11 @@ inline RowOut kd_row_f32(
   auto body = [&](const Vec& xs, const Vec& xt, int64_t i, int64_t n) {
     const Vec ds = xs - v_ms;
     const Vec v = ds * v_scale2;
-    // u is clamped as exp2_nonpos clamps it, so that a teacher logit of -inf
-    // (a masked class, p = 0) adds 2^-100 * finite to A, not 2^-100 * -inf.
-    const Vec u = at::vec::clamp_min((xt - v_mt) * v_scale2, Vec(kExp2Lowest));
+    // u is clamped once, for its exp2 and for u - v, so that a teacher logit
+    // of -inf (a masked class, p = 0) adds 2^-100 * finite to A, not -inf.
+    const Vec u = clamp_exp2_arg((xt - v_mt) * v_scale2);
     Vec ev = exp2_nonpos(v);
-    Vec eu = exp2_nonpos(u);
+    Vec eu = exp2_clamped(u);
     Vec d = u - v;
     Vec er;
     if (ce) er = unit_T ? ev : exp2_nonpos(ds * v_log2e);
@@ -263,7 +273,7 @@ inline RowOut kd_row_f32(
     }
     if (gt) {
       const Vec xs = load_n(s + i, n), xt = load_n(t + i, n);
-      const Vec u = at::vec::clamp_min((xt - v_mt) * v_scale2, Vec(kExp2Lowest));
+      const Vec u = clamp_exp2_arg((xt - v_mt) * v_scale2);
       const Vec d = u - (xs - v_ms) * v_scale2;  // as in pass 2
       const Vec g = eu * c_gt * (d - v_a_over_zt);
       store_n(g, gt + i, n);
