@@ -251,10 +251,13 @@ def _format_row(r):
         f"{r['dtype']:>4} {r['B']:>5}x{r['C']:<6} "
         f"fused {r['fused_ms']:9.3f} ms  eager {r['eager_ms']:9.3f}  compiled {r['compiled_ms']:9.3f}  "
         f"exp2 {r['exp2_ms']:9.3f} | eager/fused {r['eager/fused']:6.2f}x  "
-        f"compiled/fused {r['compiled/fused']:5.2f}x  fused/exp2 {r['fused/exp2']:5.2f} | "
-        f"peak MB fused {mb(r['fused_peak_MB'])} eager {mb(r['eager_peak_MB'])} "
-        f"compiled {mb(r['compiled_peak_MB'])}"
+        f"compiled/fused {r['compiled/fused']:5.2f}x  fused/exp2 {r['fused/exp2']:5.2f}"
     )
+    if "fused_peak_MB" in r:
+        text += (
+            f" | peak MB fused {mb(r['fused_peak_MB'])} eager {mb(r['eager_peak_MB'])} "
+            f"compiled {mb(r['compiled_peak_MB'])}"
+        )
     if "fused_GBps_12BC" in r:
         text += f" | {r['fused_GBps_12BC']:.0f} GB/s (12BC)"
     return text
@@ -275,17 +278,13 @@ def ratios_from_pytest_benchmark(path):
         key = (p["device"], p["dtype_name"], tuple(p["shape"]))
         cases.setdefault(key, {})[p["impl"]] = bench["stats"]["median"]
     rows = []
-    for (device, dtype_name, (B, C)), t in sorted(cases.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        if not {"fused", "eager", "compiled", "exp2"} <= set(t):
+    for (device, dtype_name, (B, C)), t in sorted(cases.items()):
+        if not set(IMPLS) <= set(t):
             continue
         row = {"device": device, "dtype": dtype_name, "B": B, "C": C, **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
         row.update({"eager/fused": t["eager"] / t["fused"], "compiled/fused": t["compiled"] / t["fused"], "fused/exp2": t["fused"] / t["exp2"]})
         rows.append(row)
-        print(
-            f"{device} {dtype_name:>4} {B:>5}x{C:<6} fused {row['fused_ms']:9.3f} ms  eager {row['eager_ms']:9.3f}  "
-            f"compiled {row['compiled_ms']:9.3f}  exp2 {row['exp2_ms']:9.3f} | eager/fused {row['eager/fused']:6.2f}x  "
-            f"compiled/fused {row['compiled/fused']:5.2f}x  fused/exp2 {row['fused/exp2']:5.2f}"
-        )
+        print(f"{device} {_format_row(row)}")
     return rows
 
 
@@ -302,7 +301,15 @@ def main(argv=None):
     if args.memory_only:
         return _memory_only(args.memory_only)
     if args.from_pytest_benchmark:
-        ratios_from_pytest_benchmark(args.from_pytest_benchmark)
+        try:
+            rows = ratios_from_pytest_benchmark(args.from_pytest_benchmark)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sys.exit(
+                f"{args.from_pytest_benchmark}: not a pytest-benchmark JSON of this suite ({type(exc).__name__}: {str(exc)[:200]}); write one with "
+                "`pytest tests/benchmarks/test_bench_kd_loss.py --benchmark-enable --benchmark-json=FILE`"
+            )
+        if not rows:
+            sys.exit(f"{args.from_pytest_benchmark}: no case has all of {', '.join(IMPLS)}; run the suite with --benchmark-enable")
         return None
     if args.threads:
         torch.set_num_threads(args.threads)
