@@ -24,8 +24,23 @@ from .components import (
 )
 from .errors import CheckpointError, DatasetError, PluginError, RecipeError, RunDirectoryError, UserError
 from .hookspecs import hookimpl, hookspec
+from .records import CSV_COLUMNS, DatasetInfo, EpochRecord, RunSummary, StageResult, TeacherRef, TestRecord, record_from_dict
+from .validation import FieldValueError, between, non_negative, open_unit, positive
 
 __all__ = [
+    "CSV_COLUMNS",
+    "DatasetInfo",
+    "EpochRecord",
+    "FieldValueError",
+    "RunSummary",
+    "StageResult",
+    "TeacherRef",
+    "TestRecord",
+    "between",
+    "non_negative",
+    "open_unit",
+    "positive",
+    "record_from_dict",
     "CheckpointError",
     "CheckpointFile",
     "Component",

@@ -2,8 +2,10 @@
 # Create ./.venv and install pyramidkd into it, compiling the fused-loss
 # extension (C++ always, CUDA when nvcc is found) against the installed torch.
 #
-#   bash scripts/setup.sh          # runtime only
-#   bash scripts/setup.sh --dev    # plus the test and benchmark tools
+#   bash scripts/setup.sh          # runtime only (a regular, non-editable install)
+#   bash scripts/setup.sh --dev    # editable, plus the test and benchmark tools:
+#                                  # an edit under engine/ or plugins/ is live at once;
+#                                  # after an edit under csrc/ run this again
 #
 # Environment: PYTHON (default python3), VENV (default .venv),
 # TORCH_SPEC (default "torch torchvision": any recent release works).
@@ -11,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
+editable=()
+if [ "${1:-}" = "--dev" ]; then extras="[dev]"; editable=(--editable); fi
 python=${PYTHON:-python3}
 venv=${VENV:-.venv}
 
@@ -28,7 +31,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
 # With no GPU to query, setup.py targets sm_80 and sm_90 (+PTX) unless
 # TORCH_CUDA_ARCH_LIST says otherwise; MAX_JOBS keeps the build inside small machines.
-MAX_JOBS=${MAX_JOBS:-2} "${pip[@]}" install --no-build-isolation ".$extras"
+# --dev: the extension is compiled in place (package/_C*.so, ignored by git).
+MAX_JOBS=${MAX_JOBS:-2} "${pip[@]}" install --no-build-isolation "${editable[@]}" ".$extras"
 "$venv/bin/python" - <<'PY'
 import pyramidkd
 from pyramidkd.engine import ops

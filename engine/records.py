@@ -1,0 +1,191 @@
+"""Typed outputs of a run: the epoch and test records, a stage's result, the run summary.
+
+They are what the lifecycle hooks receive, what the loggers write and what
+``report`` reads back. Each is a frozen attrs class; ``to_dict()`` gives exactly
+the JSON stored on disk (``metrics.jsonl``, ``checkpoints/<stage>/result.json``,
+``summary.json``) and ``from_dict()`` reads it back (unknown keys are ignored, so a
+newer file still reads). Adding a metric means adding one field here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import attrs
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    names = {field.name for field in attrs.fields(cls) if field.init}
+    return cls(**{key: value for key, value in data.items() if key in names})
+
+
+@attrs.frozen
+class EpochRecord:
+    """One training epoch of one stage, after validation."""
+
+    kind: Literal["epoch"] = attrs.field(default="epoch", init=False)
+    stage: str = ""
+    entry: str = ""
+    epoch: int = 0
+    epochs: int = 0
+    train_loss: float = 0.0
+    train_acc: float = 0.0
+    val_loss: float = 0.0
+    val_acc: float = 0.0
+    stage_val_loss: float | None = None  # the stage's own loss on validation (hint stages select on it)
+    best_val_acc: float = 0.0
+    best_epoch: int = 0
+    lr: float = 0.0
+    skipped_batches: int = 0
+    train_time_s: float = 0.0
+    epoch_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EpochRecord":
+        return _from_dict(cls, data)
+
+
+@attrs.frozen
+class TestRecord:
+    """The test of a stage's best checkpoint (written once, when the stage ends)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    kind: Literal["test"] = attrs.field(default="test", init=False)
+    stage: str = ""
+    entry: str = ""
+    epoch: int = 0  # the best epoch
+    val_acc: float = 0.0
+    test_acc: float = 0.0
+    test_loss: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TestRecord":
+        return _from_dict(cls, data)
+
+
+MetricsRecord = EpochRecord | TestRecord
+
+
+def record_from_dict(data: dict[str, Any]) -> MetricsRecord:
+    """A ``metrics.jsonl`` line back as its record class."""
+    return TestRecord.from_dict(data) if data.get("kind") == "test" else EpochRecord.from_dict(data)
+
+
+def _csv_columns() -> list[str]:
+    columns: list[str] = []
+    for cls in (EpochRecord, TestRecord):
+        columns += [field.name for field in attrs.fields(cls) if field.name not in columns]
+    return columns
+
+
+#: ``metrics.csv`` columns: every field of the epoch record, then the test record's own.
+CSV_COLUMNS: list[str] = _csv_columns()
+
+
+@attrs.frozen
+class TeacherRef:
+    """A stage's teacher as the result names it: an earlier stage, or a file."""
+
+    stage: str | None = None
+    model: str | None = None
+    test_acc: float | None = None
+    file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.file is not None:
+            return {"file": self.file}
+        return {"stage": self.stage, "model": self.model, "test_acc": self.test_acc}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TeacherRef":
+        return _from_dict(cls, data)
+
+    def label(self) -> str:
+        return self.stage if self.stage is not None else (self.file or "?")
+
+
+@attrs.frozen
+class StageResult:
+    """A finished stage: its best checkpoint's validation and test accuracy and more."""
+
+    stage: str
+    entry: str
+    model: str
+    model_params: dict[str, Any]
+    loss: str
+    params: int  # parameter count of the student
+    epochs: int
+    select: str
+    best_epoch: int
+    best_val_acc: float
+    last_val_acc: float | None
+    test_acc: float
+    test_loss: float
+    teachers: tuple[TeacherRef, ...] = ()
+    inherited_tensors: int = 0
+    reference_test_acc: float | None = None
+    info: dict[str, Any] = attrs.field(factory=dict)
+    checkpoint: str = ""
+    time_s: float = 0.0
+    skipped: bool = False  # reused from an earlier run of the same recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self, recurse=False)
+        data["teachers"] = [teacher.to_dict() for teacher in self.teachers]
+        if not self.skipped:  # stored results never carry the flag
+            del data["skipped"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StageResult":
+        teachers = tuple(TeacherRef.from_dict(t) for t in data.get("teachers") or ())
+        return _from_dict(cls, {**data, "teachers": teachers})
+
+
+@attrs.frozen
+class DatasetInfo:
+    name: str
+    num_classes: int
+    input_shape: list[int]
+    train: int
+    val: int
+    test: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class RunSummary:
+    """A whole run, as written to ``summary.json``."""
+
+    experiment: str
+    recipe: str
+    seed: int
+    device: str
+    dataset: DatasetInfo
+    stages: tuple[StageResult, ...]
+    time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self, recurse=False)
+        data["dataset"] = self.dataset.to_dict()
+        data["stages"] = [stage.to_dict() for stage in self.stages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSummary":
+        return _from_dict(cls, {
+            **data,
+            "dataset": _from_dict(DatasetInfo, data.get("dataset") or {}),
+            "stages": tuple(StageResult.from_dict(s) for s in data.get("stages") or ()),
+        })
+
+    def stage(self, stage_id: str) -> StageResult | None:
+        return next((s for s in self.stages if s.stage == stage_id), None)
