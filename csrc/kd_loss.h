@@ -8,7 +8,7 @@
 
 namespace pyramidkd {
 
-// Validated, device-independent description of one call.
+// Device-independent description of one call.
 struct KdLossPlan {
   int64_t B = 0;
   int64_t C = 0;
@@ -21,8 +21,10 @@ struct KdLossPlan {
   int64_t ignore_index = -100;
 };
 
-// Checks shapes, dtypes, devices and scalars; throws c10::Error with a clear
-// message.  Shared by the CPU and CUDA implementations.
+// Derives the plan, checking only what keeps the kernels in bounds (sizes,
+// dtypes, devices); the argument rules are checked in Python
+// (pyramidkd.engine.ops.check_kd_loss_args).  Shared by the CPU and CUDA
+// implementations.
 KdLossPlan make_plan(
     const at::Tensor& student,
     const at::Tensor& teacher,

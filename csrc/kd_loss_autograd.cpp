@@ -6,8 +6,9 @@
 // autograd with the gradient flags taken from the inputs, saves the gradients
 // the forward produced, and its backward only multiplies them by grad_output
 // (a device-side multiply, no host synchronisation).  Double backward raises.
-// The same formula is registered in Python (torch.library.register_autograd)
-// for direct users of kd_loss_fwd; fake kernels for both ops live in
+// The same formula is the Python autograd kernel of kd_loss_fwd, for direct
+// callers of the primitive (see docs/fused-loss.md for why both exist); fake
+// kernels for both ops and the argument checks live in
 // pyramidkd/engine/ops.py.
 
 #include <ATen/ATen.h>

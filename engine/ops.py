@@ -12,11 +12,17 @@ in one pass of a C++ (CPU) or CUDA kernel: the custom operator
 gradients w.r.t. the logits that require grad, and the backward only scales
 those by ``grad_output``.  ``kd_loss`` calls ``torch.ops.pyramidkd.kd_loss``,
 whose autograd kernel (C++, for low per-call overhead) wraps ``kd_loss_fwd``;
-fake kernels for both ops and the Python autograd formula of ``kd_loss_fwd``
-are registered below (torch.compile / torch.export / opcheck).  Teacher logits that require grad get correct
+fake kernels for both ops and the Python autograd kernel of ``kd_loss_fwd``
+(for direct calls of the primitive, torch.compile / torch.export / opcheck)
+are registered below.  Teacher logits that require grad get correct
 gradients too.  ``kd_loss_eager`` is the plain-PyTorch reference with the same
 signature and semantics (used by the ``kd`` loss plugin for ``backend="eager"``
 and as the ``auto`` fallback when the extension is not built).
+
+The argument rules live in one place, ``check_kd_loss_args``: ``kd_loss``,
+``kd_loss_eager``, the fake kernels and direct calls of ``kd_loss_fwd`` all
+run it.  The C++ kernels check only what keeps them from reading or writing
+out of bounds (see ``make_plan`` in csrc/kd_loss.cpp).
 
 Cross-entropy conventions: the CE term is the mean over rows whose label is
 not ``ignore_index``; when *every* label is ignored it contributes 0 (and no
@@ -37,6 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "FusedOpUnavailable",
+    "check_kd_loss_args",
     "cpu_kernel_name",
     "fused_available",
     "fused_cuda_built",
@@ -96,13 +103,24 @@ def cpu_kernel_name() -> str | None:
     return torch.ops.pyramidkd.cpu_kernel_name()
 
 
-def _check_args(
+def _is_number(value: object) -> bool:
+    # SymInt/SymFloat: the fake kernels see traced scalars under torch.compile.
+    return not isinstance(value, bool) and isinstance(value, (int, float, torch.SymInt, torch.SymFloat))
+
+
+def check_kd_loss_args(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: float,
     labels: Tensor | None,
     alpha: float,
 ) -> None:
+    """Raise ``TypeError``/``ValueError`` unless the arguments of ``kd_loss`` are valid.
+
+    The single statement of the op's rules, run by ``kd_loss``, ``kd_loss_eager``,
+    the fake kernels and direct calls of ``torch.ops.pyramidkd.kd_loss_fwd``
+    (label *values* are checked by the kernels, where they are read).
+    """
     if not isinstance(student_logits, Tensor) or not isinstance(teacher_logits, Tensor):
         raise TypeError("kd_loss: student_logits and teacher_logits must be tensors")
     if student_logits.dim() != 2:
@@ -123,11 +141,11 @@ def _check_args(
         )
     if student_logits.shape[0] < 1 or student_logits.shape[1] < 1:
         raise ValueError(f"kd_loss: need B >= 1 rows and C >= 1 classes, got {tuple(student_logits.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_number(temperature):
         raise TypeError(f"kd_loss: temperature must be a number, got {type(temperature).__name__}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"kd_loss: temperature must be a finite number > 0, got {temperature}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if not _is_number(alpha):
         raise TypeError(f"kd_loss: alpha must be a number, got {type(alpha).__name__}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha}")
@@ -149,6 +167,15 @@ def _check_args(
         raise ValueError(f"kd_loss: labels must be on {student_logits.device}, got {labels.device}")
 
 
+def _check_op_args(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float, alpha: float) -> None:
+    """``check_kd_loss_args`` for the raw ops (schema argument order), raising
+    ``RuntimeError`` as a torch operator's own checks do."""
+    try:
+        check_kd_loss_args(student, teacher, temperature, labels, alpha)
+    except (TypeError, ValueError) as exc:
+        raise RuntimeError(str(exc)) from exc
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -164,7 +191,7 @@ def kd_loss(
     """
     if _UNAVAILABLE_REASON is not None:
         raise FusedOpUnavailable(f"kd_loss: the fused op is unavailable: {_UNAVAILABLE_REASON}")
-    _check_args(student_logits, teacher_logits, temperature, labels, alpha)
+    check_kd_loss_args(student_logits, teacher_logits, temperature, labels, alpha)
     # pyramidkd::kd_loss has a C++ autograd kernel that calls kd_loss_fwd
     # with the gradient flags of the inputs (see csrc/kd_loss_autograd.cpp).
     return _KD_LOSS_OP(student_logits, teacher_logits, labels, float(temperature), float(alpha), int(ignore_index))
@@ -180,7 +207,7 @@ def kd_loss_eager(
     ignore_index: int = -100,
 ) -> Tensor:
     """Plain-PyTorch reference of ``kd_loss`` (same arguments, same result)."""
-    _check_args(student_logits, teacher_logits, temperature, labels, alpha)
+    check_kd_loss_args(student_logits, teacher_logits, temperature, labels, alpha)
     T = float(temperature)
     kd = (
         F.kl_div(
@@ -200,8 +227,8 @@ def kd_loss_eager(
 
 
 # --------------------------------------------------------------------------
-# torch.library registrations: fake kernel (torch.compile / export) and
-# autograd formula.  Only when the extension defined the op.
+# torch.library registrations, only when the extension defined the ops: fake
+# kernels (torch.compile / export) and the autograd kernel of kd_loss_fwd.
 
 _KD_LOSS_OP = None
 
@@ -210,10 +237,7 @@ if _UNAVAILABLE_REASON is None:
 
     @torch.library.register_fake("pyramidkd::kd_loss_fwd")
     def _kd_loss_fwd_fake(student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher):
-        torch._check(student.dim() == 2, lambda: "kd_loss: student logits must be [B, C]")
-        torch._check(teacher.shape == student.shape, lambda: "kd_loss: teacher/student shape mismatch")
-        torch._check(teacher.dtype == student.dtype, lambda: "kd_loss: teacher/student dtype mismatch")
-        torch._check(teacher.device == student.device, lambda: "kd_loss: teacher/student device mismatch")
+        _check_op_args(student, teacher, labels, temperature, alpha)
         loss = student.new_empty(())
         gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
         gt = student.new_empty(student.shape) if grad_teacher else student.new_empty((0,))
@@ -221,12 +245,14 @@ if _UNAVAILABLE_REASON is None:
 
     @torch.library.register_fake("pyramidkd::kd_loss")
     def _kd_loss_fake(student, teacher, labels, temperature, alpha, ignore_index):
-        torch._check(student.dim() == 2, lambda: "kd_loss: student logits must be [B, C]")
-        torch._check(teacher.shape == student.shape, lambda: "kd_loss: teacher/student shape mismatch")
+        _check_op_args(student, teacher, labels, temperature, alpha)
         return student.new_empty(())
 
-    # Autograd of the primitive kd_loss_fwd, for callers of the raw op (the
-    # kd_loss op above has the same formula in C++, with less per-call overhead).
+    # Autograd of the primitive kd_loss_fwd.  The kd_loss op has the same
+    # formula as a C++ node (csrc/kd_loss_autograd.cpp): that is the fast
+    # eager path of ops.kd_loss, which calls kd_loss_fwd below autograd, so
+    # nothing here runs there.  This Python kernel serves direct calls of
+    # kd_loss_fwd (opcheck, tracing, users of the raw op).
     def _kd_loss_setup_context(ctx, inputs, output):
         student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher = inputs
         _, gs, gt = output
@@ -261,6 +287,26 @@ if _UNAVAILABLE_REASON is None:
         grad_t = grad_loss * gt if need_t else None
         return grad_s, grad_t, None, None, None, None, None, None
 
-    torch.library.register_autograd(
-        "pyramidkd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context
-    )
+    # What torch.library.register_autograd builds (torch's private helper),
+    # wrapped so that a direct call is checked by check_kd_loss_args first:
+    # register_autograd offers no place for that, and the C++ kernels keep
+    # only their memory-safety checks.
+    try:
+        from torch._library.autograd import Info as _AutogradInfo
+        from torch._library.autograd import make_autograd_impl as _make_autograd_impl
+    except ImportError:  # a torch that moved it: same formula, direct calls unchecked
+        torch.library.register_autograd(
+            "pyramidkd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context
+        )
+    else:
+        _kd_loss_fwd_autograd_impl = _make_autograd_impl(
+            torch.ops.pyramidkd.kd_loss_fwd.default,
+            _AutogradInfo(_backward_fn=_kd_loss_backward, _setup_context_fn=_kd_loss_setup_context),
+        )
+
+        def _kd_loss_fwd_autograd(keyset, student, teacher, labels, temperature, alpha, *rest):
+            _check_op_args(student, teacher, labels, temperature, alpha)
+            return _kd_loss_fwd_autograd_impl(keyset, student, teacher, labels, temperature, alpha, *rest)
+
+        _LIBRARY = torch.library.Library("pyramidkd", "FRAGMENT")  # kept alive: it owns the registration
+        _LIBRARY.impl("kd_loss_fwd", _kd_loss_fwd_autograd, "Autograd", with_keyset=True)

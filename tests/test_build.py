@@ -1,4 +1,4 @@
-"""The installed extension: CI proves the CUDA sources compiled (it has nvcc, no GPU)."""
+"""The installed extension (CI proves the CUDA sources compiled: it has nvcc, no GPU) and scripts/setup.sh."""
 
 from __future__ import annotations
 
@@ -38,3 +38,61 @@ def test_cpu_kernel_is_built_with_openmp():
 
     with open(ext.__file__, "rb") as f:
         assert b"GOMP_parallel" in f.read(), "pyramidkd._C was compiled without -fopenmp"
+
+
+def _run_setup_script(tmp_path, *args, fail_on=None):
+    """Runs scripts/setup.sh against a stand-in venv whose python fakes pip
+    (recording its arguments) and runs everything else with this interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "pip-calls.txt"
+    stub = venv / "bin" / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "${1:-}" = "-m" ] && [ "${2:-}" = "pip" ]; then\n'
+        f'  echo "${{*:3}}" >> "{calls}"\n'
+        f'  [ -n "{fail_on or ""}" ] && [[ "$*" == *"{fail_on}"* ]] && exit 1\n'
+        "  exit 0\n"
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    stub.chmod(0o755)
+    env = dict(os.environ, VENV=str(venv), FORCE_CUDA="0")
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "setup.sh"), *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.skipif(not ops.fused_available(), reason="the extension is not built")
+@pytest.mark.parametrize("dev", [False, True], ids=["runtime", "dev"])
+def test_setup_script_says_what_it_does_and_how_long_it_took(tmp_path, dev):
+    proc, pip_calls = _run_setup_script(tmp_path, *(["--dev"] if dev else []))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for announced in ("reusing the virtual environment", "installing torch torchvision (≈ 90 s",
+                      "installing the build tools", "compiling the fused-loss extension: C++ kernel only",
+                      "≈ 1-2 min", "checking the installation", "fused kd op built"):
+        assert announced in out, (announced, out)
+    assert out.count("    done in ") == 5  # venv, torch, tools, build, check
+    assert "Set-up finished in " in out
+    install = pip_calls[-1]
+    assert "--no-build-isolation" in install
+    if dev:
+        assert "editable install" in out and install.endswith("--editable .[dev]")
+    else:
+        assert "regular install" in out and "--editable" not in install and install.endswith(" .")
+
+
+@pytest.mark.skipif(not ops.fused_available(), reason="the extension is not built")
+def test_setup_script_names_the_step_that_failed(tmp_path):
+    proc, _ = _run_setup_script(tmp_path, fail_on="--no-build-isolation")
+    assert proc.returncode != 0
+    assert "setup.sh: failed while installing pyramidkd" in proc.stderr
+    assert "Set-up finished" not in proc.stdout

@@ -292,6 +292,28 @@ def test_direct_op_call_without_grad_flags_recomputes(device):
     assert_grad_close(gt, ref_gt, 1e-4, 1e-5)
 
 
+def test_fast_path_runs_no_python_autograd():
+    """ops.kd_loss goes through the C++ autograd node of pyramidkd::kd_loss; the
+    Python kernel of kd_loss_fwd (for direct callers) must not run there, or
+    every call would pay its ~80 µs."""
+    s, t = logits(8, 10, "cpu")
+    s.requires_grad_()
+    watched = {ops._kd_loss_fwd_autograd.__code__, ops._kd_loss_backward.__code__}
+    seen = []
+
+    def profiler(frame, event, arg):
+        if event == "call" and frame.f_code in watched:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profiler)
+    try:
+        torch.autograd.grad(ops.kd_loss(s, t, temperature=2.0), s)
+        torch.ops.pyramidkd.kd_loss_fwd(s, t, None, 2.0, 1.0, -100, True, False)
+    finally:
+        sys.setprofile(None)
+    assert seen == ["_kd_loss_fwd_autograd"]  # only the direct call of the primitive
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_raises(device):
     s, t = logits(3, 5, device)
@@ -444,7 +466,7 @@ def test_argument_errors():
         ops.kd_loss(s[:0], t[:0])
     with pytest.raises(RuntimeError, match="out of range"):
         ops.kd_loss(s, t, labels=torch.tensor([0, 1, 6, 2]), alpha=0.5)
-    # the C++ op validates too
+    # direct calls of the raw op run the same checker (RuntimeError, like a torch op's checks)
     with pytest.raises(RuntimeError, match="temperature"):
         torch.ops.pyramidkd.kd_loss_fwd(s, t, None, -1.0, 1.0, -100, False, False)
     with pytest.raises(RuntimeError, match="shape"):
@@ -452,6 +474,75 @@ def test_argument_errors():
     # the eager reference applies the same checks
     with pytest.raises(ValueError, match="temperature"):
         ops.kd_loss_eager(s, t, temperature=-2.0)
+
+
+BAD_ARGUMENTS = {
+    "shape": dict(t=lambda t: t[:, :5]),
+    "dtype": dict(t=lambda t: t.double()),
+    "temperature": dict(temperature=0.0),
+    "alpha": dict(labels=True, alpha=1.5),
+    "alpha without labels": dict(alpha=0.5),
+    "labels dtype": dict(labels=True, alpha=0.5, labels_dtype=torch.int32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_one_checker_gives_one_message_everywhere(case):
+    """The front end, a direct call of the raw op and the fake kernels all
+    report a bad argument with the text of check_kd_loss_args."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = BAD_ARGUMENTS[case]
+    s, t = logits(4, 6, "cpu")
+    t = spec.get("t", lambda t: t)(t)
+    labels = torch.zeros(4, dtype=spec.get("labels_dtype", torch.long)) if spec.get("labels") else None
+    T, alpha = spec.get("temperature", 2.0), spec.get("alpha", 1.0)
+    with pytest.raises((TypeError, ValueError)) as front:
+        ops.check_kd_loss_args(s, t, T, labels, alpha)
+    message = str(front.value)
+    assert message.startswith("kd_loss: ")
+    for call in (
+        lambda: ops.kd_loss(s, t, temperature=T, labels=labels, alpha=alpha),
+        lambda: ops.kd_loss_eager(s, t, temperature=T, labels=labels, alpha=alpha),
+    ):
+        with pytest.raises(type(front.value)) as err:
+            call()
+        assert str(err.value) == message
+    with pytest.raises(RuntimeError) as err:
+        torch.ops.pyramidkd.kd_loss_fwd(s, t, labels, T, alpha, -100, False, False)
+    assert str(err.value) == message
+    with FakeTensorMode() as mode:
+        fs, ft = mode.from_tensor(s), mode.from_tensor(t)
+        fl = None if labels is None else mode.from_tensor(labels)
+        for op, args in (
+            (torch.ops.pyramidkd.kd_loss_fwd.default, (fs, ft, fl, T, alpha, -100, True, False)),
+            (torch.ops.pyramidkd.kd_loss.default, (fs, ft, fl, T, alpha, -100)),
+        ):
+            with pytest.raises(RuntimeError) as err:
+                op(*args)
+            assert message in str(err.value), op
+
+
+def test_kernels_keep_their_memory_safety_checks():
+    """Below autograd (inference mode) no Python runs before the kernel: the
+    C++ checks that keep it in bounds still refuse what would read past a buffer."""
+    s, t = logits(4, 6, "cpu")
+    fwd = torch.ops.pyramidkd.kd_loss_fwd
+    with torch.inference_mode():
+        for args in (
+            (s, t[:3], None, 1.0, 1.0, -100, False, False),  # teacher rows past the end
+            (s, t[:, :5], None, 1.0, 1.0, -100, True, False),
+            (s[:0], t[:0], None, 1.0, 1.0, -100, False, False),  # B = 0
+            (s.int(), t.int(), None, 1.0, 1.0, -100, False, False),  # not a float dtype
+            (s, t.double(), None, 1.0, 1.0, -100, False, False),
+            (s, t, torch.zeros(3, dtype=torch.long), 1.0, 0.5, -100, False, False),  # labels too short
+            (s, t, torch.zeros(4, dtype=torch.int32), 1.0, 0.5, -100, False, False),
+        ):
+            with pytest.raises(RuntimeError, match="memory-safety check"):
+                fwd(*args)
+        with pytest.raises(RuntimeError, match="out of range"):  # label values: checked where read
+            fwd(s, t, torch.tensor([0, 1, 6, 2]), 1.0, 0.5, -100, False, False)
+        assert torch.isfinite(fwd(s, t, None, 2.0, 1.0, -100, False, False)[0])
 
 
 def test_availability_api():
