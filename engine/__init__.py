@@ -10,6 +10,7 @@ from .components import (
     CheckpointFile,
     Component,
     ComponentSpec,
+    DataShape,
     DataSplits,
     Dataset,
     DatasetContext,
@@ -17,17 +18,42 @@ from .components import (
     Loss,
     Model,
     ModelOutput,
+    ModelSource,
     NoParams,
     Scheme,
     StageOutput,
     StagePlan,
 )
+from .formatting import (
+    clear_progress_bars,
+    format_count,
+    format_markdown_table,
+    format_number,
+    format_percent,
+    format_summary,
+    format_table,
+    percent,
+    progress_bar,
+    summary_rows,
+)
 from .errors import CheckpointError, DatasetError, PluginError, RecipeError, RunDirectoryError, UserError
 from .hookspecs import hookimpl, hookspec
-from .records import CSV_COLUMNS, DatasetInfo, EpochRecord, RunSummary, StageResult, TeacherRef, TestRecord, record_from_dict
+from .planning import PlanContext, SourceModel, StageEntry
+from .records import CSV_COLUMNS, DatasetInfo, EpochRecord, RunSummary, StageResult, TeacherRef, TestRecord, record_from_dict, read_metrics
+from .settings import OptimizerSection, SchedulerSection, TrainSection
 from .validation import FieldValueError, between, non_negative, open_unit, positive
 
 __all__ = [
+    "clear_progress_bars",
+    "format_count",
+    "format_markdown_table",
+    "format_number",
+    "format_percent",
+    "format_summary",
+    "format_table",
+    "percent",
+    "progress_bar",
+    "summary_rows",
     "CSV_COLUMNS",
     "DatasetInfo",
     "EpochRecord",
@@ -41,6 +67,7 @@ __all__ = [
     "open_unit",
     "positive",
     "record_from_dict",
+    "read_metrics",
     "CheckpointError",
     "CheckpointFile",
     "Component",
@@ -63,4 +90,13 @@ __all__ = [
     "UserError",
     "hookimpl",
     "hookspec",
+    # planning (schemes)
+    "DataShape",
+    "ModelSource",
+    "OptimizerSection",
+    "PlanContext",
+    "SchedulerSection",
+    "SourceModel",
+    "StageEntry",
+    "TrainSection",
 ]

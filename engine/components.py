@@ -7,11 +7,13 @@ recipe section against it (unknown keys, types, ranges) before anything runs.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import attrs
 import torch
 from torch import nn
+
+from .settings import TrainSection
 
 
 @attrs.define
@@ -54,6 +56,17 @@ class DataSplits:
     class_names: list[str] = attrs.field(factory=list)
 
 
+@attrs.define(frozen=True)
+class DataShape:
+    """What a dataset's images look like, known before (or without) loading it."""
+
+    input_shape: tuple[int, int, int]  # (channels, height, width)
+    num_classes: int
+
+    def describe(self) -> str:
+        return f"{'×'.join(str(n) for n in self.input_shape)} images with {self.num_classes} classes"
+
+
 @attrs.define
 class DatasetContext:
     """Where a dataset loads from and how it is seeded."""
@@ -80,6 +93,12 @@ class Dataset(Component):
 
     def check(self, context: DatasetContext) -> None:
         """Cheap check for ``pyramidkd validate`` (e.g. files exist); raise DatasetError."""
+
+    def data_shape(self, context: DatasetContext) -> DataShape | None:
+        """The image shape and class count ``load`` will give, when known without
+        loading (from the parameters); ``None`` when only loading tells. Planning
+        uses it to refuse a teacher checkpoint of another shape before training."""
+        return None
 
 
 # --- models -----------------------------------------------------------------
@@ -184,8 +203,8 @@ class StagePlan:
     id: str
     model: ComponentSpec
     loss: ComponentSpec
-    train: Any  # engine.recipe.TrainSection
-    teachers: list = attrs.field(factory=list)  # list[ModelSource]
+    train: TrainSection
+    teachers: list[ModelSource] = attrs.field(factory=list)
     init_from: ModelSource | None = None
     # Parameter-name prefixes that train (None: all). Pyramid stage 1 trains only
     # the layers up to the compressed block.
@@ -195,7 +214,7 @@ class StagePlan:
     teacher_taps: dict[str, str] = attrs.field(factory=dict)
     # Which checkpoint is "best": highest val accuracy, lowest val loss (the stage's
     # own loss, for feature-matching stages), or simply the last epoch.
-    select: str = "val_acc"
+    select: Literal["val_acc", "val_loss", "last"] = attrs.field(default="val_acc", validator=attrs.validators.in_(("val_acc", "val_loss", "last")))
     entry_id: str = ""
     info: dict = attrs.field(factory=dict)
 
@@ -206,9 +225,10 @@ class Scheme(Component):
     kind: ClassVar[str] = "scheme"
 
     def plan(self, entry, context) -> list[StagePlan]:
-        """Return the stages for ``entry`` (an :class:`~pyramidkd.engine.recipe.StageEntry`);
-        ``context`` (:class:`~pyramidkd.engine.planning.PlanContext`) resolves
-        references to earlier stages and checkpoint files with clear errors."""
+        """Return the stages for ``entry`` (a :class:`~pyramidkd.engine.planning.StageEntry`);
+        ``context`` (:class:`~pyramidkd.engine.planning.PlanContext`) builds
+        components, training settings, and resolves references to earlier stages
+        and checkpoint files with clear errors."""
         raise NotImplementedError
 
 

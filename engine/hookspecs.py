@@ -72,6 +72,18 @@ def pyramidkd_register_loggers():
     """
 
 
+@hookspec
+def pyramidkd_register_commands(commands):
+    """Add sub-commands to the ``pyramidkd`` command line.
+
+    Call ``commands.add(name, help=..., arguments=..., run=...)`` once per command:
+    ``arguments(parser)`` adds its options to an ``argparse.ArgumentParser`` and
+    ``run(args)`` does the work and returns the exit code (0 ok, 1 bad input).
+    The built-in commands (``run``, ``report``, ...) register through this hook too.
+    Return value ignored.
+    """
+
+
 # --- lifecycle --------------------------------------------------------------
 
 
@@ -80,13 +92,17 @@ def pyramidkd_run_start(run):
     """Called once before the first stage, after the run directory is prepared.
 
     ``run`` is the :class:`~pyramidkd.engine.runner.Run` (directory, recipe, device,
-    planned stages, ``quiet`` flag).
+    planned stages, ``quiet`` flag; ``completed``: the stages reused from an earlier
+    run, ``resume_stage`` and ``resume_history``: the stage continued from its
+    ``last`` checkpoint and its earlier epoch records (``EpochRecord``);
+    ``results``: the :class:`~pyramidkd.engine.records.StageResult` of each stage so far).
     """
 
 
 @hookspec
 def pyramidkd_run_end(run, summary):
-    """Called once after the last stage with the run summary (the dict written to
+    """Called once after the last stage with the run summary, a
+    :class:`~pyramidkd.engine.records.RunSummary` (``summary.to_dict()`` is
     ``summary.json``)."""
 
 
@@ -99,8 +115,9 @@ def pyramidkd_stage_start(run, stage):
 @hookspec
 def pyramidkd_stage_end(run, stage, result):
     """Called after a stage: its best checkpoint is written and tested. ``result``
-    is the dict that goes into ``summary.json`` for that stage (also called for a
-    stage skipped because its outputs already exist, with ``result["skipped"]``)."""
+    is its :class:`~pyramidkd.engine.records.StageResult` (``result.to_dict()`` goes
+    into ``result.json`` and ``summary.json``). Also called for a stage reused from
+    an earlier run (its fingerprint unchanged), with ``result.skipped`` true."""
 
 
 @hookspec
@@ -111,11 +128,14 @@ def pyramidkd_batch_end(run, stage, epoch, step, num_steps, loss):
 
 @hookspec
 def pyramidkd_epoch_end(run, stage, epoch, metrics):
-    """Called after each epoch's validation, with that epoch's metrics dict."""
+    """Called after each epoch's validation (and after ``last`` is saved), with that
+    epoch's :class:`~pyramidkd.engine.records.EpochRecord`."""
 
 
 @hookspec
 def pyramidkd_metrics(run, stage, record):
-    """Called for every metrics record the runner produces: one per epoch
-    (``record["kind"] == "epoch"``) and one per stage for the test of its best
-    checkpoint (``"test"``). Loggers write these out."""
+    """Called for every metrics record the runner produces: an
+    :class:`~pyramidkd.engine.records.EpochRecord` per epoch (``record.kind ==
+    "epoch"``) and a :class:`~pyramidkd.engine.records.TestRecord` per stage for the
+    test of its best checkpoint (``"test"``). ``record.to_dict()`` is the
+    ``metrics.jsonl`` line. Loggers write these out."""

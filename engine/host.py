@@ -177,7 +177,9 @@ def _raising_plugin(caller, error: BaseException) -> str:
 def builtin_plugin_modules() -> list[str]:
     from pyramidkd.plugins import BUILTIN_PLUGINS
 
-    return list(BUILTIN_PLUGINS)
+    # The command line's own commands come first: they register through the same
+    # hook as a plugin package's (pyramidkd_register_commands).
+    return ["pyramidkd.engine.commands.builtin", *BUILTIN_PLUGINS]
 
 
 def _package_version() -> str:

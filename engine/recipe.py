@@ -1,74 +1,26 @@
 """Recipes: one TOML file describing a whole experiment.
 
-Loading happens in two steps. :func:`load_recipe` reads the file, applies
-``--set`` overrides and validates the host's own keys (``[experiment]``,
-``[train]``, the shape of ``[[stages]]``). :func:`resolve_components` then looks
-every ``name = ...`` up in the plugin registries and validates that component's
-own parameters with its ``Params`` class.
+:func:`load_recipe` reads the file, applies ``--set`` overrides and validates the
+host's own keys (``[experiment]``, ``[train]`` and each stage's ``[stages.train]``
+over it, the shape of ``[[stages]]``), giving a :class:`Recipe`. Component
+sections (``name = ...`` plus that plugin's keys) stay raw here: the planner
+(:mod:`~pyramidkd.engine.planning`) looks them up in the plugin registries and
+validates them with each component's ``Params`` class.
 """
 
 from __future__ import annotations
 
-import copy
+import difflib
 import os
 import re
 import tomllib
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 
-from .components import ComponentSpec
 from .errors import RecipeError
-from .validation import Structurer, between, non_negative, positive
-
-# --- the host's own sections ------------------------------------------------
-
-
-@attrs.define
-class ExperimentSection:
-    name: str = attrs.field(default="experiment", metadata={"help": "used for the default output folder"})
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    plugins: list[str] = attrs.field(factory=list, metadata={"help": "local plugin modules to load"})
-    threads: int = attrs.field(default=0, validator=non_negative, metadata={"help": "CPU threads for torch (0 = torch's default)"})
-    description: str = ""
-
-
-@attrs.define
-class OptimizerSection:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = attrs.field(default=0.05, validator=positive, metadata={"help": "learning rate, e.g. 0.05 for SGD, 1e-3 for Adam"})
-    momentum: float = attrs.field(default=0.9, validator=between(0.0, 1.0))
-    weight_decay: float = attrs.field(default=5e-4, validator=non_negative)
-    nesterov: bool = False
-
-
-@attrs.define
-class SchedulerSection:
-    name: Literal["none", "cosine", "step", "plateau"] = "cosine"
-    step_size: int = attrs.field(default=30, validator=positive, metadata={"help": "epochs between decays (step)"})
-    gamma: float = attrs.field(default=0.1, validator=positive)
-    factor: float = attrs.field(default=0.1, validator=between(0.0, 1.0), metadata={"help": "plateau decay factor"})
-    patience: int = attrs.field(default=5, validator=non_negative)
-    min_lr: float = attrs.field(default=0.0, validator=non_negative)
-
-
-@attrs.define
-class TrainSection:
-    epochs: int = attrs.field(default=10, validator=positive, metadata={"help": "number of epochs, e.g. 10"})
-    batch_size: int = attrs.field(default=64, validator=positive, metadata={"help": "e.g. 64"})
-    eval_batch_size: int = attrs.field(default=256, validator=positive)
-    num_workers: int = attrs.field(default=0, validator=non_negative)
-    grad_clip: float = attrs.field(default=0.0, validator=non_negative, metadata={"help": "max gradient norm; 0 = off"})
-    on_nan: Literal["stop", "skip-batch"] = attrs.field(default="stop", metadata={"help": "what a non-finite loss does"})
-    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(default="fp32", metadata={"help": "autocast precision (fp16 uses a GradScaler)"})
-    channels_last: bool = False
-    compile: bool = attrs.field(default=False, metadata={"help": "torch.compile the student and teacher forward"})
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    prefetch_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "batches each worker loads ahead"})
-    optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
-    scheduler: SchedulerSection = attrs.field(factory=SchedulerSection)
+from .settings import ExperimentSection, OptimizerSection, SchedulerSection, TrainSection  # noqa: F401  (re-exported)
+from .validation import Structurer
 
 
 @attrs.define
@@ -78,6 +30,7 @@ class RawComponent:
     name: str
     params: dict[str, Any]
     key: str
+    shorthand: bool = False  # written as `scheme = "kd"`: errors point at the key itself
 
 
 @attrs.define
@@ -87,17 +40,18 @@ class StageSection:
     scheme: RawComponent
     model: RawComponent | None
     loss: RawComponent | None
-    train: dict[str, Any]
+    train: TrainSection  # [train] with this stage's [stages.train] over it, validated
+    train_overrides: dict[str, Any] = attrs.field(factory=dict)  # [stages.train] as written
 
 
 @attrs.define
 class Recipe:
-    """A recipe after step one: host keys validated, components still raw."""
+    """A recipe with the host's keys validated; components still raw."""
 
     file: str
     data: dict[str, Any]  # the resolved TOML data (overrides applied)
     experiment: ExperimentSection
-    train: dict[str, Any]
+    train: TrainSection  # [train], validated
     dataset: RawComponent
     stages: list[StageSection]
     loggers: list[RawComponent]
@@ -216,8 +170,10 @@ def _list_index(node: list, part: str | int, where: str, file: str, text: str) -
     for index, item in enumerate(node):  # stages may be addressed by id: stages.teacher.epochs
         if isinstance(item, dict) and item.get("id") == part:
             return index
-    ids = [item.get("id") for item in node if isinstance(item, dict)]
-    raise RecipeError(f"--set {text}: no entry with id {part!r}; ids: {', '.join(map(str, ids))}", file=file, key=where, fix="use one of the ids or an index")
+    ids = [str(item.get("id")) for item in node if isinstance(item, dict)]
+    close = difflib.get_close_matches(str(part), ids, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(f"--set {text}: no entry with id {part!r}; ids: {', '.join(ids)}", file=file, key=where, fix=f"{hint}use one of the ids or an index")
 
 
 # --- step one: host keys --------------------------------------------------------
@@ -233,15 +189,12 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
     structurer = Structurer(file, overridden or set())
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            import difflib
-
             close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
             hint = f"did you mean [{close[0]}]? " if close else ""
             raise structurer.error(key, f"unknown section {key!r}; valid sections: {', '.join(TOP_LEVEL_KEYS)}", f"{hint}remove or rename it")
 
     experiment = structurer.structure(ExperimentSection, data.get("experiment", {}), "experiment")
-    train = data.get("train", {})
-    structurer.structure(TrainSection, train, "train")  # validated now; merged per stage later
+    train = structurer.structure(TrainSection, data.get("train", {}), "train")
 
     if "dataset" not in data:
         raise structurer.error("dataset", "required section is missing", 'add [dataset] with name = "digits" (or another dataset plugin)')
@@ -260,8 +213,6 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
             raise structurer.error(key, f"expected a table, got {raw!r}", "write each stage as [[stages]]")
         for stage_key in raw:
             if stage_key not in STAGE_KEYS:
-                import difflib
-
                 close = difflib.get_close_matches(stage_key, STAGE_KEYS, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise structurer.error(f"{key}.{stage_key}", f"unknown key {stage_key!r}; valid keys: {', '.join(STAGE_KEYS)}", f"{hint}scheme-specific keys go in [stages.scheme]")
@@ -278,6 +229,8 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
         stage_train = raw.get("train", {})
         if not isinstance(stage_train, dict):
             raise structurer.error(f"{key}.train", "expected a table", "write [stages.train] with the keys to override")
+        # Only the stage's own keys are checked here: [train] under them already was.
+        stage_settings = structurer.evolve(train, stage_train, f"{key}.train")
         stages.append(
             StageSection(
                 id=stage_id,
@@ -285,7 +238,8 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
                 scheme=_raw_component(structurer, raw["scheme"], f"{key}.scheme"),
                 model=_raw_component(structurer, raw["model"], f"{key}.model") if "model" in raw else None,
                 loss=_raw_component(structurer, raw["loss"], f"{key}.loss") if "loss" in raw else None,
-                train=stage_train,
+                train=stage_settings,
+                train_overrides=stage_train,
             )
         )
 
@@ -300,7 +254,7 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
 
 def _raw_component(structurer: Structurer, value: Any, key: str) -> RawComponent:
     if isinstance(value, str):  # shorthand: scheme = "kd"
-        return RawComponent(value, {}, key)
+        return RawComponent(value, {}, key, shorthand=True)
     if not isinstance(value, dict):
         raise structurer.error(key, f"expected a component name or a table with name = ..., got {value!r}", f'write {key.split(".")[-1]} = {{ name = "..." }}')
     if "name" not in value:
@@ -310,45 +264,6 @@ def _raw_component(structurer: Structurer, value: Any, key: str) -> RawComponent
         raise structurer.error(f"{key}.name", f"expected a string, got {name!r}", 'put the name in quotes')
     params = {k: v for k, v in value.items() if k != "name"}
     return RawComponent(name, params, key)
-
-
-# --- step two: components -------------------------------------------------------
-
-
-def resolve_component(recipe: Recipe, registries: dict, kind: str, raw: RawComponent) -> ComponentSpec:
-    cls = registries[kind].get(raw.name, file=recipe.file, key=f"{raw.key}.name" if not _is_shorthand(recipe, raw) else raw.key)
-    params = recipe.structurer().structure(cls.Params, raw.params, raw.key)
-    return ComponentSpec(cls, params, raw.key)
-
-
-def _is_shorthand(recipe: Recipe, raw: RawComponent) -> bool:
-    return not raw.params and isinstance(_lookup(recipe.data, raw.key), str)
-
-
-def _lookup(data: Any, key: str) -> Any:
-    node = data
-    for part in parse_key_path(key):
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
-
-
-def stage_train_section(recipe: Recipe, stage: StageSection, defaults: dict | None = None) -> TrainSection:
-    """Merge ``[train]`` (and a scheme's defaults) with ``[stages.train]`` and validate."""
-    merged = _deep_merge(copy.deepcopy(defaults or {}), recipe.train)
-    merged = _deep_merge(merged, stage.train)
-    return recipe.structurer().structure(TrainSection, merged, f"stages[{stage.index}].train")
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = _deep_merge(dict(base[key]), value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
 
 
 def dump_toml(data: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ newer file still reads). Adding a metric means adding one field here.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -19,8 +20,19 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**{key: value for key, value in data.items() if key in names})
 
 
+class _FlatRecord:
+    """A record whose JSON is its fields, in order (a ``metrics.jsonl`` line)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _from_dict(cls, data)
+
+
 @attrs.frozen
-class EpochRecord:
+class EpochRecord(_FlatRecord):
     """One training epoch of one stage, after validation."""
 
     kind: Literal["epoch"] = attrs.field(default="epoch", init=False)
@@ -40,16 +52,9 @@ class EpochRecord:
     train_time_s: float = 0.0
     epoch_time_s: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EpochRecord":
-        return _from_dict(cls, data)
-
 
 @attrs.frozen
-class TestRecord:
+class TestRecord(_FlatRecord):
     """The test of a stage's best checkpoint (written once, when the stage ends)."""
 
     __test__: ClassVar[bool] = False  # not a pytest test class
@@ -61,13 +66,6 @@ class TestRecord:
     test_acc: float = 0.0
     test_loss: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TestRecord":
-        return _from_dict(cls, data)
-
 
 MetricsRecord = EpochRecord | TestRecord
 
@@ -75,6 +73,21 @@ MetricsRecord = EpochRecord | TestRecord
 def record_from_dict(data: dict[str, Any]) -> MetricsRecord:
     """A ``metrics.jsonl`` line back as its record class."""
     return TestRecord.from_dict(data) if data.get("kind") == "test" else EpochRecord.from_dict(data)
+
+
+def read_metrics(path: str) -> list[MetricsRecord]:
+    """Every record of a ``metrics.jsonl`` file, in order; a line cut short by a
+    crash (or anything else that is not a record) is passed over."""
+    records: list[MetricsRecord] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and data.get("kind") in ("epoch", "test"):
+                records.append(record_from_dict(data))
+    return records
 
 
 def _csv_columns() -> list[str]:
@@ -132,8 +145,9 @@ class StageResult:
     reference_test_acc: float | None = None
     info: dict[str, Any] = attrs.field(factory=dict)
     checkpoint: str = ""
-    time_s: float = 0.0
-    skipped: bool = False  # reused from an earlier run of the same recipe
+    time_s: float = 0.0  # all of the stage's training, before and after an interruption
+    fingerprint: str | None = None  # of the stage's resolved plan: reuse only on a match
+    skipped: bool = False  # reused from an earlier run (same fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self, recurse=False)
@@ -149,16 +163,13 @@ class StageResult:
 
 
 @attrs.frozen
-class DatasetInfo:
+class DatasetInfo(_FlatRecord):
     name: str
     num_classes: int
     input_shape: list[int]
     train: int
     val: int
     test: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 @attrs.frozen
@@ -183,7 +194,7 @@ class RunSummary:
     def from_dict(cls, data: dict[str, Any]) -> "RunSummary":
         return _from_dict(cls, {
             **data,
-            "dataset": _from_dict(DatasetInfo, data.get("dataset") or {}),
+            "dataset": DatasetInfo.from_dict(data.get("dataset") or {}),
             "stages": tuple(StageResult.from_dict(s) for s in data.get("stages") or ()),
         })
 

@@ -2,7 +2,8 @@
 
 Everything is written atomically (temporary file in the same folder, flush,
 fsync, rename), so a crash never leaves a half-written checkpoint or JSON file
-under its final name.
+under its final name; the files get the mode the user's umask gives, like any
+other file. Checkpoint files themselves: :mod:`pyramidkd.engine.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import io
 import difflib
 import json
 import logging
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, RunDirectoryError
+from .errors import RunDirectoryError
 
 log = logging.getLogger("pyramidkd")
 
@@ -33,7 +33,6 @@ LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.toml"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_FORMAT = "pyramidkd-checkpoint"
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
@@ -45,6 +44,8 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        # mkstemp creates 0600; give the file the mode open() would (the umask's)
+        os.fchmod(descriptor, 0o666 & ~current_umask())
         with os.fdopen(descriptor, "wb") as handle:
             _write_all(handle, payload)
             handle.flush()
@@ -74,6 +75,26 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
         pass
 
 
+_FALLBACK_UMASK: list[int] = []
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel tells it
+    (/proc, Linux 4.7+); elsewhere read once by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if not _FALLBACK_UMASK:
+        previous = os.umask(0o022)
+        os.umask(previous)
+        _FALLBACK_UMASK.append(previous)
+    return _FALLBACK_UMASK[0]
+
+
 def _write_all(handle, payload: bytes) -> None:
     handle.write(payload)
 
@@ -84,32 +105,6 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.exists(path):
-        raise CheckpointError("checkpoint file not found", file=path, fix="check the path, or re-run the stage that writes it")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(
-            f"cannot read the checkpoint ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); the file is corrupt or truncated",
-            file=path,
-            fix="delete it and re-run the stage that writes it (pyramidkd run ... --force)",
-        ) from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            "not a pyramidkd checkpoint (no model description inside)",
-            file=path,
-            fix="use a checkpoint written by pyramidkd (checkpoints/<stage>/best.pt of a run)",
-        )
-    return checkpoint
 
 
 def git_commit(folder: str) -> str | None:

@@ -1,13 +1,14 @@
 """Runs a recipe: prepare (validate, plan), then every stage with the same loop
-(:mod:`pyramidkd.engine.stage`), reusing stages an earlier run of the same recipe
-completed and resuming the one it left unfinished.
+(:mod:`pyramidkd.engine.training.loop`), reusing stages an earlier run of the same
+recipe completed and resuming the one it left unfinished — when their fingerprints
+(:mod:`pyramidkd.engine.training.fingerprint`) say they are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import signal
-import threading
 import time
 from typing import Iterable, Sequence
 
@@ -15,13 +16,19 @@ import attrs
 import torch
 
 from .distributed import World, barrier, broadcast_object, init_world
-from .components import ComponentSpec, DatasetContext, DataSplits, StagePlan
+from .components import ComponentSpec, DatasetContext, DataShape, DataSplits, StagePlan
 from .errors import RecipeError, RunDirectoryError
 from .host import PluginHost, make_plugin_host
-from .planning import plan_recipe
-from .recipe import Recipe, dump_toml, load_recipe, resolve_component
-from .rundir import RunDirectory, atomic_write_json, command_line, default_output_dir, load_checkpoint
-from .stage import RunInterrupted, StageRunner, StopFlag, TrainingError  # noqa: F401  (re-exported)
+from .planning import ComponentResolver, check_sources_fit, plan_recipe, shadowed_overrides
+from .recipe import Recipe, dump_toml, load_recipe
+from .records import DatasetInfo, EpochRecord, RunSummary, StageResult
+from .rundir import RunDirectory, atomic_write_json, command_line, default_output_dir
+from .training.fingerprint import Fingerprints
+from .training.loop import StageRunner
+from .training.reuse import decide_reuse
+from .training.stops import ImmediateStop, StopFlag, resume_command, signals_to
+
+log = logging.getLogger("pyramidkd")
 
 
 @attrs.define
@@ -33,9 +40,21 @@ class PreparedRun:
     stages: list[StagePlan]
     dataset: ComponentSpec
     loggers: list[ComponentSpec]
+    resolver: ComponentResolver
+    notes: list[str] = attrs.field(factory=list)  # warnings already logged (shadowed --set values)
+
+    def check_data(self, data: DataSplits) -> None:
+        """Refuse teacher / init_from checkpoints that do not fit the loaded data
+        (call before training; planning checked already when the dataset could
+        tell its shape without loading)."""
+        shape = DataShape(tuple(data.input_shape), int(data.num_classes))
+        check_sources_fit(self.stages, shape, self.resolver, self.dataset.name)
 
 
-def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iterable[object] = ()) -> PreparedRun:
+def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iterable[object] = (), *,
+            max_epochs: int | None = None) -> PreparedRun:
+    """Load, validate and plan a recipe. ``max_epochs`` caps every stage's epochs
+    (scheme-planned stages included)."""
     recipe = load_recipe(recipe_path, overrides)
     host = make_plugin_host(
         recipe.experiment.plugins,
@@ -43,10 +62,14 @@ def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iter
         local_search_path=recipe.directory,
         recipe_file=recipe.file,
     )
-    registries = host.registries
-    dataset = resolve_component(recipe, registries, "dataset", recipe.dataset)
-    loggers = [resolve_component(recipe, registries, "logger", raw) for raw in recipe.loggers]
-    stages = plan_recipe(recipe, registries)
+    resolver = ComponentResolver(recipe, host.registries)
+    dataset = resolver.resolve("dataset", recipe.dataset)
+    loggers = [resolver.resolve("logger", raw) for raw in recipe.loggers]
+    stages = plan_recipe(recipe, resolver)
+    if max_epochs is not None:
+        if max_epochs < 1:
+            raise RecipeError(f"--max-epochs must be 1 or more, got {max_epochs}", fix="pass a positive number, e.g. --max-epochs 1")
+        stages = [attrs.evolve(s, train=attrs.evolve(s.train, epochs=min(s.train.epochs, max_epochs))) for s in stages]
     for stage_id in recipe.reference:
         if not any(stage.id == stage_id or stage.entry_id == stage_id for stage in stages):
             raise RecipeError(
@@ -55,7 +78,13 @@ def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iter
                 key=f"reference.{stage_id}",
                 fix=f"use a stage id: {', '.join(s.id for s in stages)}",
             )
-    return PreparedRun(recipe, host, stages, dataset, loggers)
+    shape = dataset.instantiate().data_shape(dataset_context(recipe))
+    if shape is not None:  # otherwise PreparedRun.check_data, once the data is loaded
+        check_sources_fit(stages, shape, resolver, dataset.name)
+    notes = shadowed_overrides(recipe, stages, max_epochs)
+    for note in notes:
+        logging.getLogger("pyramidkd").warning(note)
+    return PreparedRun(recipe, host, stages, dataset, loggers, resolver, notes)
 
 
 def dataset_context(recipe: Recipe) -> DatasetContext:
@@ -86,11 +115,12 @@ class Run:
     quiet: bool
     seed: int
     world: World = attrs.field(factory=World)
-    results: dict[str, dict] = attrs.field(factory=dict)
+    results: dict[str, StageResult] = attrs.field(factory=dict)
     started: float = attrs.field(factory=time.time)
-    completed: set[str] = attrs.field(factory=set)  # stages reused from an earlier run
+    completed: set[str] = attrs.field(factory=set)  # stages reused from an earlier run (same fingerprint)
     resume_stage: str | None = None  # the stage continued from its `last` checkpoint
-    resume_history: list[dict] = attrs.field(factory=list)  # its epoch records so far
+    resume_history: list[EpochRecord] = attrs.field(factory=list)  # its epoch records so far
+    fingerprints: dict[str, str] = attrs.field(factory=dict)  # stage id -> fingerprint of its plan
 
     def reference_for(self, stage: StagePlan) -> float | None:
         """The published accuracy for a stage: by its id, or by its entry's id when
@@ -117,15 +147,19 @@ def run_recipe(
     force: bool = False,
     resume: bool = False,
     extra_plugins: Iterable[object] = (),
+    max_epochs: int | None = None,
 ) -> dict:
-    """Run a whole recipe; return the summary (also written to summary.json).
+    """Run a whole recipe; return the summary (``RunSummary.to_dict()``, also
+    written to summary.json).
 
     Into a folder that holds the same recipe, completed stages are reused and an
-    unfinished one continues from its ``last`` checkpoint. ``resume`` insists on
-    such a folder; with ``force`` a changed recipe is accepted there. ``force``
-    without ``resume`` recomputes every stage.
+    unfinished one continues from its ``last`` checkpoint — each only when its
+    fingerprint (its resolved plan, inputs included) is unchanged. ``resume``
+    insists on such a folder; with ``force`` a changed recipe is accepted there.
+    ``force`` without ``resume`` recomputes every stage. ``max_epochs`` caps every
+    stage's epochs.
     """
-    prepared = prepare(recipe_path, overrides, extra_plugins)
+    prepared = prepare(recipe_path, overrides, extra_plugins, max_epochs=max_epochs)
     recipe = prepared.recipe
     device = choose_device(recipe)
     world = init_world(device.type == "cuda")
@@ -135,93 +169,93 @@ def run_recipe(
         raise RunDirectoryError("--resume needs the run's folder", fix="add --output DIR (the folder of the run to continue)")
     # Under torchrun every rank must agree on the folder (the default one has a timestamp).
     directory = RunDirectory(broadcast_object(world, output or default_output_dir(recipe.experiment.name)))
-    if not world.is_main:  # rank 0 owns the folder; the others read checkpoints from it
-        barrier(world)
-        return _run_locked(prepared, directory, device, world, quiet=quiet, recompute=force and not resume)
-    with directory.lock():
-        try:
-            directory.prepare(dump_toml(recipe.data), resume=resume, force=force)
-        finally:
+    stop = StopFlag(resume_command(recipe_path, directory.path, overrides, max_epochs))
+    recompute = force and not resume
+    try:
+        if not world.is_main:  # rank 0 owns the folder; the others read checkpoints from it
             barrier(world)
-        return _run_locked(prepared, directory, device, world, quiet=quiet, recompute=force and not resume)
+            return _run_locked(prepared, directory, device, world, quiet=quiet, recompute=recompute, stop=stop)
+        with directory.lock():
+            try:
+                directory.prepare(dump_toml(recipe.data), resume=resume, force=force)
+            finally:
+                barrier(world)
+            return _run_locked(prepared, directory, device, world, quiet=quiet, recompute=recompute, stop=stop)
+    except ImmediateStop as immediate:  # a second signal: the same stop message as the first
+        raise immediate.error from None
 
 
-def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, *, quiet: bool, recompute: bool) -> dict:
-    recipe, host = prepared.recipe, prepared.host
-    data = prepared.dataset.instantiate().load(dataset_context(recipe))
+@contextlib.contextmanager
+def _torch_settings(recipe: Recipe, device: torch.device):
+    """The run's threads and determinism, restored afterwards: a run inside a
+    longer process (a notebook, a test session) leaves its settings as they were."""
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if recipe.experiment.threads:
         torch.set_num_threads(recipe.experiment.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = benchmark
 
+
+def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, *, quiet: bool,
+                recompute: bool, stop: StopFlag) -> dict:
+    data = prepared.dataset.instantiate().load(dataset_context(prepared.recipe))
+    prepared.check_data(data)
+    with _torch_settings(prepared.recipe, device):
+        return _run_stages(prepared, directory, device, world, data, quiet=quiet, recompute=recompute, stop=stop)
+
+
+def _run_stages(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, data: DataSplits, *,
+                quiet: bool, recompute: bool, stop: StopFlag) -> dict:
+    recipe, host = prepared.recipe, prepared.host
     run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed, world=world)
-    results = {} if recompute else {s.id: directory.stage_result(s.id) for s in prepared.stages}
-    run.completed = {stage_id for stage_id, result in results.items() if result is not None}
-    resume_checkpoint = None
-    unfinished = next((s for s in prepared.stages if s.id not in run.completed), None)
-    if unfinished is not None and not recompute and os.path.exists(directory.checkpoint(unfinished.id, "last")):
-        resume_checkpoint = load_checkpoint(directory.checkpoint(unfinished.id, "last"))
-        if "progress" not in resume_checkpoint:
-            raise RunDirectoryError(f"{directory.checkpoint(unfinished.id, 'last')} holds no training state", fix="re-run with --force")
-        run.resume_stage = unfinished.id
-        run.resume_history = list(resume_checkpoint["progress"]["history"])
-
+    run.fingerprints = Fingerprints(prepared.stages, prepared.dataset, run.seed).by_stage
+    reuse = decide_reuse(directory, prepared.stages, run.fingerprints, recompute=recompute)
+    run.completed = set(reuse.reused)
+    run.resume_stage, run.resume_history = reuse.resume_stage, reuse.resume_history
     if world.is_main:
+        for line in reuse.messages():
+            log.info(line)
         for index, spec in enumerate(prepared.loggers):
             host.register_run_plugin(spec.instantiate(), name=f"logger:{spec.name}:{index}")
         directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=None,
                                  argv=command_line(), world_size=world.size)
     run.call("pyramidkd_run_start")
     teacher_cache: dict = {}
-    stop = StopFlag()
-    with _signals_to(stop):
+    with signals_to(stop):
         for stage in prepared.stages:
-            if stage.id in run.completed:
-                result = {**results[stage.id], "skipped": True}
+            if stage.id in reuse.reused:
+                result = attrs.evolve(reuse.reused[stage.id], skipped=True)
             else:
-                runner = StageRunner(run, stage, teacher_cache, stop)
-                result = runner.execute(resume_checkpoint if stage.id == run.resume_stage else None)
+                runner = StageRunner(run, stage, teacher_cache, stop, fingerprint=run.fingerprints[stage.id])
+                result = runner.execute(reuse.resume_checkpoint if stage.id == reuse.resume_stage else None)
                 if world.is_main:
-                    atomic_write_json(directory.stage_result_file(stage.id), result)
+                    atomic_write_json(directory.stage_result_file(stage.id), result.to_dict())
                 barrier(world)  # the next stage may load this stage's best checkpoint
             run.results[stage.id] = result
             run.call("pyramidkd_stage_end", stage=stage, result=result)
     finished = time.time()
-    summary = {
-        "experiment": recipe.experiment.name,
-        "recipe": os.path.abspath(recipe.file),
-        "seed": run.seed,
-        "device": str(device),
-        "dataset": {"name": prepared.dataset.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-                    "train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "stages": [run.results[stage.id] for stage in prepared.stages],
-        "time_s": round(finished - run.started, 3),
-    }
+    summary = RunSummary(
+        experiment=recipe.experiment.name,
+        recipe=os.path.abspath(recipe.file),
+        seed=run.seed,
+        device=str(device),
+        dataset=DatasetInfo(name=prepared.dataset.name, num_classes=data.num_classes, input_shape=list(data.input_shape),
+                            train=len(data.train), val=len(data.val), test=len(data.test)),
+        stages=tuple(run.results[stage.id] for stage in prepared.stages),
+        time_s=round(finished - run.started, 3),  # this invocation's wall time
+    )
     if world.is_main:
-        atomic_write_json(directory.file("summary.json"), summary)
+        atomic_write_json(directory.file("summary.json"), summary.to_dict())
         directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=finished,
                                  argv=command_line(), world_size=world.size)
     run.call("pyramidkd_run_end", summary=summary)
-    return summary
-
-
-class _signals_to:
-    """Route SIGINT/SIGTERM to a stop flag while a run trains (main thread only):
-    the current step finishes, ``last`` is saved, and the run exits cleanly."""
-
-    def __init__(self, stop: StopFlag):
-        self.stop = stop
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self.stop.request)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        return False
+    return summary.to_dict()

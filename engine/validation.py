@@ -87,17 +87,8 @@ class Structurer:
         return RecipeError(message, file=source, key=path or "(top level)", fix=fix)
 
     def structure(self, cls: type, data: Any, path: str) -> Any:
-        if not isinstance(data, dict):
-            raise self.error(path, f"expected a table, got {_describe(data)}", f"write {path} as a [table] of keys")
+        fields = self._check_keys(cls, data, path)
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in attrs.fields(cls) if f.init}
-        unknown = [k for k in data if k not in fields]
-        if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            known = ", ".join(fields) or "(none)"
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise self.error(_join(path, key), f"unknown key {key!r}; valid keys here: {known}", f"{hint}remove or rename it")
         kwargs = {}
         for name, field in fields.items():
             key_path = _join(path, name)
@@ -107,9 +98,43 @@ class Structurer:
                     raise self.error(key_path, f"required key is missing ({_type_name(hints[name])})", f"add {name} = ...{' (' + help_text + ')' if help_text else ''}")
                 continue
             kwargs[name] = self.convert(data[name], hints[name], key_path)
+        return self._build(cls, kwargs, path, lambda: cls(**kwargs))
+
+    def evolve(self, instance: Any, data: Any, path: str) -> Any:
+        """``instance`` (a structured attrs object) with the keys in ``data`` replaced,
+        each checked as :meth:`structure` checks it; a nested table updates the
+        nested section key by key (``optimizer = { lr = 0.01 }`` keeps the name)."""
+        cls = type(instance)
+        self._check_keys(cls, data, path)
+        hints = typing.get_type_hints(cls)
+        changes = {}
+        for name, value in data.items():
+            current = getattr(instance, name)
+            if attrs.has(type(current)) and isinstance(value, dict):
+                changes[name] = self.evolve(current, value, _join(path, name))
+            else:
+                changes[name] = self.convert(value, hints[name], _join(path, name))
+        return self._build(cls, changes, path, lambda: attrs.evolve(instance, **changes))
+
+    def _check_keys(self, cls: type, data: Any, path: str) -> dict:
+        if not isinstance(data, dict):
+            raise self.error(path, f"expected a table, got {_describe(data)}", f"write {path} as a [table] of keys")
+        fields = {f.name: f for f in attrs.fields(cls) if f.init}
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            known = ", ".join(fields) or "(none)"
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise self.error(_join(path, key), f"unknown key {key!r}; valid keys here: {known}", f"{hint}remove or rename it")
+        return fields
+
+    def _build(self, cls: type, kwargs: dict, path: str, build) -> Any:
+        """Run the attrs validators (inside ``build``); name the key that fails."""
         try:
-            return cls(**kwargs)
+            return build()
         except FieldValueError as error:
+            fields = {f.name: f for f in attrs.fields(cls)}
             field_name = _failing_field(cls, kwargs)
             key_path = _join(path, field_name) if field_name else path
             help_text = fields[field_name].metadata.get("help") if field_name in fields else None

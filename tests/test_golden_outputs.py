@@ -3,12 +3,15 @@ compared with files written by the engine before its outputs became typed record
 
 Keys, their order, value types and the identity fields must match exactly. Measured
 numbers (accuracies, losses, times) are compared by type only: another CPU may round
-differently inside PyTorch's own kernels.
+differently inside PyTorch's own kernels. A stage result's ``fingerprint`` (added
+with reuse by fingerprint) is compared by type too: it changes whenever the
+training settings gain a field.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,7 @@ def test_stage_result_json_keeps_its_shape(quickstart_run):
     expected = json.loads((GOLDEN / "result-student-kd.json").read_text())
     _same_shape(actual, expected, "result")
     _same_identity(actual, expected, "result")
+    assert re.fullmatch("[0-9a-f]{64}", actual["fingerprint"])  # sha256 of the stage's plan (decides reuse)
 
 
 def test_metrics_jsonl_keeps_its_shape(quickstart_run):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyramidkd.engine.stage import inherit_weights
+from pyramidkd.engine.training.models import inherit_weights
 from pyramidkd.plugins.models.pyramid import BACKWARD_LEVELS, FORWARD_LEVELS, MODELS
 
 SMALL = 0.0625  # width for fast tests: vgg19 has 4..32 channels

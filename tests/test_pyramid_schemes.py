@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import RECIPES
 from pyramidkd.engine import ModelOutput, StageOutput, UserError
-from pyramidkd.engine.rundir import load_checkpoint
+from pyramidkd.engine.training.checkpoints import load_checkpoint
 from pyramidkd.engine.runner import prepare
 
 HEAD = """
@@ -175,6 +175,10 @@ BAD = {
     "unknown stage1 loss": ('scheme = { name = "pyramid-forward", teacher = "teacher", width = 0.0625, batch_norm = true, stage1_loss = "gramm" }',
                             ["stages[1].scheme.stage1_loss", "unknown loss 'gramm'", "did you mean 'gram'?"]),
     "missing teacher": ('scheme = { name = "pyramid-forward", width = 0.0625 }', ["stages[1].scheme.teacher", "required key is missing"]),
+    "bad stage1_train": ('scheme = { name = "pyramid-forward", teacher = "teacher", width = 0.0625, batch_norm = true, stage1_train = { optimizer = { lr = -1.0 } } }',
+                         ["stages[1].scheme.stage1_train.optimizer.lr", "must be > 0"]),
+    "unknown stage1_train key": ('scheme = { name = "pyramid-forward", teacher = "teacher", width = 0.0625, batch_norm = true, stage1_train = { epoch = 2 } }',
+                                 ["stages[1].scheme.stage1_train.epoch", "did you mean 'epochs'?"]),
     "ensemble of one": ('scheme = { name = "ensemble", teachers = ["teacher"] }\nmodel = "svgg5"', ["stages[1].scheme.teachers", "two or more"]),
     "ensemble duplicate teacher": ('scheme = { name = "ensemble", teachers = ["teacher", "teacher"] }\nmodel = "svgg5"', ["listed twice"]),
 }

@@ -52,6 +52,7 @@ MALFORMED = {
     "override stage by id": (TINY_RECIPE, ["stages.student.loss.temperature=0"], ["stages[1].loss.temperature", "--set"]),
     "override missing index": (TINY_RECIPE, ["stages[5].train.epochs=1"], ["there is no stages[5]", "2 entries"]),
     "override not key=value": (TINY_RECIPE, ["train.epochs"], ["is not KEY=VALUE"]),
+    "override misspelt stage id": (TINY_RECIPE, ["stages.studnt.train.epochs=1"], ["no entry with id 'studnt'", "ids: teacher, student", "did you mean 'student'?"]),
 }
 
 
@@ -111,10 +112,11 @@ def test_every_shipped_recipe_validates(cli):
 
 def test_overrides_apply_and_are_typed(write_recipe):
     recipe = load_recipe(str(write_recipe(TINY_RECIPE)), ["train.epochs=5", "stages.student.loss.temperature=3", "dataset.name=digits", "stages[0].train.batch_size=7"])
-    assert recipe.train["epochs"] == 5
+    assert recipe.train.epochs == 5
     assert recipe.data["stages"][1]["loss"]["temperature"] == 3
     assert recipe.dataset.name == "digits"
-    assert recipe.stages[0].train == {"batch_size": 7}
+    assert recipe.stages[0].train_overrides == {"batch_size": 7}
+    assert recipe.stages[0].train.batch_size == 7 and recipe.stages[0].train.epochs == 5
     assert recipe.overridden == {"train.epochs", "stages[1].loss.temperature", "dataset.name", "stages[0].train.batch_size"}
 
 
@@ -128,3 +130,60 @@ def test_dump_toml_round_trips(write_recipe):
 
     recipe = load_recipe(str(write_recipe(TINY_RECIPE)))
     assert tomllib.loads(dump_toml(recipe.data)) == recipe.data
+
+
+SHADOWING = TINY_RECIPE.replace('id = "teacher"\nscheme = "scratch"\n', 'id = "teacher"\nscheme = "scratch"\ntrain = { epochs = 4, optimizer = { lr = 0.1 } }\n')
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_shadowed_override_is_reported_in_one_line(command, write_recipe, cli, tmp_path):
+    recipe = write_recipe(SHADOWING)
+    args = [command, recipe, "--set", "train.epochs=1", "--set", "train.optimizer.lr=0.02", "--set", "train.batch_size=16"]
+    if command == "run":
+        args += ["--quiet", "--output", tmp_path / "run", "--set", "stages.teacher.train.epochs=1"]
+    result = cli(*args)
+    assert result.code == 0, result.err
+    notes = [line for line in result.err.splitlines() if line.startswith("pyramidkd: --set")]
+    lr = "pyramidkd: --set train.optimizer.lr=0.02 does not reach 1 stage(s) that set their own: teacher (0.1, from stages[0].train.optimizer.lr)"
+    assert lr in notes
+    epochs = [line for line in notes if line.startswith("pyramidkd: --set train.epochs=1")]
+    if command == "validate":
+        assert epochs == ["pyramidkd: --set train.epochs=1 does not reach 1 stage(s) that set their own: teacher "
+                          "(4, from stages[0].train.epochs); --max-epochs N caps every stage"]
+    else:  # the stage's own value set from the command line too: that one is meant
+        assert epochs == []
+    assert len(notes) == 1 + len(epochs)  # batch_size reaches every stage: nothing to say
+
+
+def test_no_note_without_shadowing(write_recipe, cli):
+    result = cli("validate", write_recipe(TINY_RECIPE), "--set", "train.epochs=1", "--set", "stages.student.train.epochs=3")
+    assert result.code == 0 and "--set" not in result.err
+
+
+def test_a_scheme_setting_shadowing_an_override_is_named(write_recipe):
+    """A Pyramid scheme's stage1_epochs beats --set train.epochs for its hint stages."""
+    from pyramidkd.engine.planning import shadowed_overrides
+    from pyramidkd.engine.runner import prepare
+
+    text = TINY_RECIPE.replace('[[stages]]\nid = "student"', '[[stages]]\nid = "chain"\nscheme = { name = "pyramid-forward", teacher = "teacher", '
+                               'width = 0.0625, levels = ["svgg14"], stage1_epochs = 2 }\n\n[[stages]]\nid = "student"')
+    text = text.replace('model = { name = "vgg", layers = [8, "M", 16, "M"] }', 'model = { name = "vgg19", width = 0.0625, batch_norm = false }')
+    text = text.replace("image_size = 8", "image_size = 32")
+    prepared = prepare(str(write_recipe(text)), ["train.epochs=3"])
+    assert [s.train.epochs for s in prepared.stages] == [3, 2, 3, 3]
+    assert prepared.notes == shadowed_overrides(prepared.recipe, prepared.stages) == [
+        "--set train.epochs=3 does not reach 1 stage(s) that set their own: chain.svgg14.hint "
+        "(2, from scheme 'pyramid-forward' of stages[1]); --max-epochs N caps every stage"
+    ]
+
+
+def test_max_epochs_caps_every_stage_and_counts_for_the_notes(write_recipe):
+    from pyramidkd.engine.runner import prepare
+
+    recipe = str(write_recipe(SHADOWING))
+    capped = prepare(recipe, ["train.epochs=1"], max_epochs=1)
+    assert [stage.train.epochs for stage in capped.stages] == [1, 1] and capped.notes == []
+    loose = prepare(recipe, ["train.epochs=1"], max_epochs=3)
+    assert [stage.train.epochs for stage in loose.stages] == [3, 1]
+    assert loose.notes == ["--set train.epochs=1 does not reach 1 stage(s) that set their own: teacher "
+                           "(3, from stages[0].train.epochs); --max-epochs N caps every stage"]

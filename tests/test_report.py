@@ -9,11 +9,12 @@ import sys
 import pytest
 
 from pyramidkd import testing
+from pyramidkd.engine import EpochRecord
+from pyramidkd.engine.commands.models import count_macs
+from pyramidkd.engine.commands.report import build_report, format_markdown, is_chain
 from pyramidkd.engine.host import make_plugin_host
-from pyramidkd.engine.modelinfo import count_macs
-from pyramidkd.engine.report import build_report, format_markdown, is_chain
-from pyramidkd.engine.rundir import load_checkpoint
-from pyramidkd.engine.stage import model_from_checkpoint
+from pyramidkd.engine.training.checkpoints import load_checkpoint
+from pyramidkd.engine.training.models import model_from_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,9 +122,11 @@ def test_cli_markdown(single_run, cli):
 
 
 def test_chain_detection():
-    assert not is_chain([{"stage": "a", "entry": "a"}, {"stage": "b", "entry": "b"}])
-    assert is_chain([{"stage": "a-1", "entry": "a"}, {"stage": "a-2", "entry": "a"}])
-    assert is_chain([{"stage": s, "entry": s} for s in "abc"])
+    from types import SimpleNamespace as Result
+
+    assert not is_chain([Result(stage="a", entry="a"), Result(stage="b", entry="b")])
+    assert is_chain([Result(stage="a-1", entry="a"), Result(stage="a-2", entry="a")])
+    assert is_chain([Result(stage=s, entry=s) for s in "abc"])
 
 
 def test_a_run_without_metrics_file_gets_a_note(single_run, tmp_path):
@@ -154,10 +157,11 @@ def test_errors_name_the_folder_and_the_fix(tmp_path, cli):
     assert result.code == 1 and "no summary.json" in result.err and "--resume" in result.err
     assert "Traceback" not in result.err
     assert cli("report").code == 2  # RUN_DIR is required
+    # a --seeds folder is reported as one (tests/test_commands_report_seeds.py); a broken seed run is named
     (tmp_path / "seeds" / "seed-0").mkdir(parents=True)
     (tmp_path / "seeds" / "seed-0" / "summary.json").write_text("{}")
     result = cli("report", tmp_path / "seeds")
-    assert result.code == 1 and "one run per seed" in result.err and "seed-*" in result.err
+    assert result.code == 1 and "has no list of stages" in result.err and "seed-0" in result.err and "fix:" in result.err
 
 
 # --- the tensorboard logger --------------------------------------------------------
@@ -220,8 +224,8 @@ def test_tensorboard_logger_rewrites_a_resumed_stage(tmp_path):
     from pyramidkd.plugins.loggers.tensorboard import TensorBoardLogger
 
     def record(epoch, val_acc):
-        return {"kind": "epoch", "stage": "s", "epoch": epoch, "train_acc": 0.1, "val_acc": val_acc, "train_loss": 1.0,
-                "val_loss": 1.0, "lr": 0.1, "best_val_acc": val_acc}
+        return EpochRecord(stage="s", epoch=epoch, train_acc=0.1, val_acc=val_acc, train_loss=1.0, val_loss=1.0, lr=0.1,
+                           best_val_acc=val_acc)
 
     stage = SimpleNamespace(id="s")
     first = SimpleNamespace(directory=RunDirectory(str(tmp_path)), resume_stage=None, resume_history=[])
@@ -243,3 +247,17 @@ def test_tensorboard_logger_rewrites_a_resumed_stage(tmp_path):
     events = EventAccumulator(str(folder))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("accuracy/val")] == [(1, 0.25), (2, 0.75), (3, 1.0)]
+
+
+def test_a_metrics_line_cut_short_is_passed_over(single_run, tmp_path):
+    from pyramidkd.engine import TestRecord, read_metrics
+
+    copy = tmp_path / "copy"
+    shutil.copytree(single_run, copy)
+    path = copy / "metrics.jsonl"
+    whole = read_metrics(str(path))
+    assert [type(r) for r in whole] == [EpochRecord, TestRecord]  # one epoch, then the test
+    path.write_text(path.read_text() + '{"kind": "epoch", "stage": "stud')  # a crash mid-write
+    assert read_metrics(str(path)) == whole
+    report = build_report(str(copy))
+    assert report["stages"][0]["curves"] and not report["notes"]

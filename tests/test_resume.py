@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from pyramidkd.engine.rundir import RunDirectory, load_checkpoint
+from pyramidkd.engine.rundir import RunDirectory
+from pyramidkd.engine.training.checkpoints import load_checkpoint
 
 TIMING_KEYS = {"epoch_time_s", "train_time_s", "time_s"}
 
@@ -185,6 +186,9 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(recipe, reference, tmp_path
 
     resumed = cli("run", recipe, "--quiet", "--output", out, "--resume")
     assert resumed.code == 0, resumed.err
+    step = state["progress"]["step"]
+    assert (f"resuming stage 'teacher' from epoch {state['epoch'] + 1}, step {step + 1} "
+            f"(epoch {state['epoch'] + 1} was interrupted after step {step}); reused stages: none") in resumed.err
     assert_same_run(reference, out)
 
 

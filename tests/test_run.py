@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import RECIPES, TINY_RECIPE
-from pyramidkd.engine.rundir import load_checkpoint
+from pyramidkd.engine.training.checkpoints import load_checkpoint
 
 TIMING_KEYS = {"epoch_time_s", "train_time_s", "time_s"}
 

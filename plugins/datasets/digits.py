@@ -12,8 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyramidkd.engine import DataSplits, Dataset, hookimpl
-from pyramidkd.engine.validation import non_negative, open_unit, positive
+from pyramidkd.engine import DataShape, DataSplits, Dataset, hookimpl, non_negative, open_unit, positive
 
 
 def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
@@ -61,6 +60,9 @@ class Digits(Dataset):
 
     name = "digits"
     Params = DigitsParams
+
+    def data_shape(self, context):
+        return DataShape((3, self.params.image_size, self.params.image_size), 10)
 
     def load(self, context):
         from sklearn.datasets import load_digits

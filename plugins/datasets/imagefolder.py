@@ -36,8 +36,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
-from pyramidkd.engine import DataSplits, Dataset, DatasetError, hookimpl
-from pyramidkd.engine.validation import FieldValueError
+from pyramidkd.engine import DataSplits, Dataset, DatasetError, FieldValueError, hookimpl
 from pyramidkd.plugins.datasets.digits import limit_per_class
 from pyramidkd.plugins.datasets.vision import IMAGENET_STATS, ImageParams, SubsetView, build_transforms, make_splits
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from pyramidkd.engine import DataSplits, Dataset, hookimpl
-from pyramidkd.engine.validation import non_negative, positive
+from pyramidkd.engine import DataShape, DataSplits, Dataset, hookimpl, non_negative, positive
 
 
 @attrs.define
@@ -26,6 +25,10 @@ class Synthetic(Dataset):
 
     name = "synthetic"
     Params = SyntheticParams
+
+    def data_shape(self, context):
+        p = self.params
+        return DataShape((p.channels, p.image_size, p.image_size), p.num_classes)
 
     def load(self, context):
         p = self.params

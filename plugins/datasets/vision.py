@@ -40,8 +40,7 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100, STL10
 from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
-from pyramidkd.engine import DataSplits, Dataset, DatasetError, hookimpl
-from pyramidkd.engine.validation import FieldValueError, between, non_negative, open_unit, positive
+from pyramidkd.engine import DataShape, DataSplits, Dataset, DatasetError, FieldValueError, between, hookimpl, non_negative, open_unit, positive
 from pyramidkd.plugins.datasets.digits import limit_per_class, stratified_split
 
 log = logging.getLogger("pyramidkd")
@@ -190,30 +189,23 @@ def check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
 # --- torchvision's readers, integrity checked by the plugin ------------------
 
 
-class _CheckedCIFAR10(CIFAR10):
-    """torchvision's CIFAR-10 reader; the plugin has checked the files (and md5s)."""
+class _FilesChecked:
+    """torchvision's reader with its integrity check off: the plugin has checked the files (and md5s)."""
 
+    def _check_integrity(self) -> bool:
+        return True
+
+
+class _CheckedCIFAR10(_FilesChecked, CIFAR10):
     meta = {**CIFAR10.meta, "md5": None}  # check_integrity(path, None): the file exists
 
-    def _check_integrity(self) -> bool:
-        return True
 
-
-class _CheckedCIFAR100(CIFAR100):
-    """torchvision's CIFAR-100 reader; the plugin has checked the files (and md5s)."""
-
+class _CheckedCIFAR100(_FilesChecked, CIFAR100):
     meta = {**CIFAR100.meta, "md5": None}
 
-    def _check_integrity(self) -> bool:
-        return True
 
-
-class _CheckedSTL10(STL10):
-    """torchvision's STL-10 reader; the plugin has checked the files it reads (torchvision
-    would also require, and md5, the 2.6 GB unlabelled file)."""
-
-    def _check_integrity(self) -> bool:
-        return True
+class _CheckedSTL10(_FilesChecked, STL10):
+    """(torchvision would also require, and md5, the 2.6 GB unlabelled file.)"""
 
 
 def _md5_table(cls) -> dict[str, str]:
@@ -232,8 +224,13 @@ class TorchvisionDataset(Dataset):
     reader: type = CIFAR10  # torchvision's class: folder, url, md5s
     checked_reader: type = _CheckedCIFAR10
     native_size: int = 32
+    num_classes: int = 10
     stats: tuple = CIFAR10_STATS
     data_description: str = ""
+
+    def data_shape(self, context) -> DataShape:
+        size = self.params.image_size or self.native_size
+        return DataShape((3, size, size), self.num_classes)
 
     # -- files -------------------------------------------------------------
     def root(self, context) -> str:
@@ -390,6 +387,7 @@ class Cifar100(_CIFAR):
     title = "CIFAR-100"
     reader = CIFAR100
     checked_reader = _CheckedCIFAR100
+    num_classes = 100
     stats = CIFAR100_STATS
     data_description = "the CIFAR-100 python version (cifar-100-python/)"
 

@@ -1,4 +1,8 @@
-"""``files``: ``metrics.jsonl`` (one object per record) and ``metrics.csv``."""
+"""``files``: ``metrics.jsonl`` (one object per record) and ``metrics.csv``.
+
+The CSV columns are the record classes' fields (``pyramidkd.engine.CSV_COLUMNS``):
+a metric added to the records appears here without touching this file.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,10 @@ import csv
 import json
 import os
 
-from pyramidkd.engine import Logger, hookimpl
+from pyramidkd.engine import CSV_COLUMNS, EpochRecord, Logger, TestRecord, hookimpl, read_metrics
 
-CSV_COLUMNS = [
-    "kind", "stage", "entry", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "stage_val_loss",
-    "best_val_acc", "best_epoch", "lr", "skipped_batches", "test_acc", "test_loss", "train_time_s", "epoch_time_s",
-]
+JSONL_FILE = "metrics.jsonl"
+CSV_FILE = "metrics.csv"
 
 
 class FilesLogger(Logger):
@@ -26,35 +28,27 @@ class FilesLogger(Logger):
 
     @hookimpl
     def pyramidkd_run_start(self, run):
-        path = run.directory.file("metrics.jsonl")
-        kept = []
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a crash
-                        continue
-                    if record.get("stage") in run.completed:
-                        kept.append(record)
+        path = run.directory.file(JSONL_FILE)
+        kept = [r for r in read_metrics(path) if r.stage in run.completed] if os.path.exists(path) else []
         kept += run.resume_history
-        for name in ("metrics.jsonl", "metrics.csv"):
+        for name in (JSONL_FILE, CSV_FILE):
             if os.path.exists(run.directory.file(name)):
                 os.unlink(run.directory.file(name))
         for record in kept:
             self.pyramidkd_metrics(run, None, record)
 
     @hookimpl
-    def pyramidkd_metrics(self, run, stage, record):
-        with open(run.directory.file("metrics.jsonl"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        path = run.directory.file("metrics.csv")
+    def pyramidkd_metrics(self, run, stage, record: EpochRecord | TestRecord):
+        data = record.to_dict()
+        with open(run.directory.file(JSONL_FILE), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(data) + "\n")
+        path = run.directory.file(CSV_FILE)
         new = not os.path.exists(path)
         with open(path, "a", encoding="utf-8", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in CSV_COLUMNS})
+            writer.writerow({k: ("" if data.get(k) is None else data[k]) for k in CSV_COLUMNS})
 
 
 @hookimpl

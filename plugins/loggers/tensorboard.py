@@ -22,9 +22,7 @@ import re
 
 import attrs
 
-from pyramidkd.engine import Logger, hookimpl
-from pyramidkd.engine.errors import UserError
-from pyramidkd.engine.validation import FieldValueError
+from pyramidkd.engine import EpochRecord, FieldValueError, Logger, TestRecord, UserError, hookimpl
 
 INSTALL_FIX = "pip install 'pyramidkd[tensorboard]' (or pip install tensorboard), or remove the tensorboard logger from loggers"
 EPOCH_SCALARS = {
@@ -90,14 +88,14 @@ class TensorBoardLogger(Logger):
             self.writers[stage_id] = self.writer_class(log_dir=folder)
         return self.writers[stage_id]
 
-    def write(self, writer, record: dict) -> None:
-        if record.get("kind") == "epoch":
-            for key, tag in EPOCH_SCALARS.items():
-                value = record.get(key)
+    def write(self, writer, record: EpochRecord | TestRecord) -> None:
+        if isinstance(record, EpochRecord):
+            for field, tag in EPOCH_SCALARS.items():
+                value = getattr(record, field)
                 if isinstance(value, (int, float)):
-                    writer.add_scalar(tag, value, record["epoch"])
-        elif record.get("kind") == "test" and isinstance(record.get("test_acc"), (int, float)):
-            writer.add_scalar("accuracy/test", record["test_acc"], record.get("epoch") or 0)
+                    writer.add_scalar(tag, value, record.epoch)
+        elif isinstance(record, TestRecord):
+            writer.add_scalar("accuracy/test", record.test_acc, record.epoch or 0)
         writer.flush()
 
     @hookimpl
@@ -109,8 +107,8 @@ class TensorBoardLogger(Logger):
                 self.write(writer, record)
 
     @hookimpl
-    def pyramidkd_metrics(self, run, stage, record):
-        stage_id = record.get("stage") or getattr(stage, "id", None)
+    def pyramidkd_metrics(self, run, stage, record: EpochRecord | TestRecord):
+        stage_id = record.stage or getattr(stage, "id", None)
         if stage_id is not None:
             self.write(self.writer(run, stage_id), record)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import attrs
 import torch.nn.functional as F
 
-from pyramidkd.engine import Loss, hookimpl
-from pyramidkd.engine.validation import between
+from pyramidkd.engine import Loss, between, hookimpl
 
 
 @attrs.define

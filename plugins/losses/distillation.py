@@ -14,18 +14,18 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from pyramidkd.engine import Loss, hookimpl, ops
-from pyramidkd.engine.errors import UserError
-from pyramidkd.engine.validation import between, positive
+from pyramidkd.engine import Loss, UserError, between, hookimpl, ops, positive
 
 log = logging.getLogger("pyramidkd")
 _fallback_reported = False
 
 
 def teacher_logits(teachers) -> torch.Tensor:
+    """The teacher's logits, or several teachers' mean (taken in float32, returned
+    in their own dtype: under bf16/fp16 autocast the student's is the same)."""
     if len(teachers) == 1:
         return teachers[0].logits
-    return torch.stack([t.logits.float() for t in teachers]).mean(0)
+    return torch.stack([t.logits.float() for t in teachers]).mean(0).to(teachers[0].logits.dtype)
 
 
 @attrs.define
@@ -67,7 +67,7 @@ class KDLoss(Loss):
         implementation = ops.kd_loss if self.use_fused else ops.kd_loss_eager
         return implementation(
             student.logits,
-            teacher_logits(teachers),
+            teacher_logits(teachers).to(student.logits.dtype),
             temperature=self.params.temperature,
             labels=targets if self.params.alpha < 1.0 else None,
             alpha=self.params.alpha,

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyramidkd.engine import Loss, ModelOutput, hookimpl, ops
-from pyramidkd.engine.errors import UserError
+from pyramidkd.engine import Loss, ModelOutput, UserError, hookimpl, ops
 from pyramidkd.plugins.losses.distillation import KDLoss, KDParams
 
 

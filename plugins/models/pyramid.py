@@ -59,8 +59,7 @@ import attrs
 import torch
 from torch import nn
 
-from pyramidkd.engine import Model, hookimpl
-from pyramidkd.engine.validation import between, positive
+from pyramidkd.engine import Model, between, hookimpl, positive
 from pyramidkd.plugins.models.vgg import POOL, conv_layers, feature_size, init_weights, make_head, scaled
 
 NUM_POOLS = 5

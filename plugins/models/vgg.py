@@ -12,9 +12,7 @@ from typing import Literal, Sequence
 import attrs
 from torch import nn
 
-from pyramidkd.engine import Model, hookimpl
-from pyramidkd.engine.errors import UserError
-from pyramidkd.engine.validation import between, positive
+from pyramidkd.engine import FieldValueError, Model, UserError, between, hookimpl, positive
 
 POOL = "M"
 STANDARD_CONFIGS = {
@@ -100,8 +98,6 @@ class VGGNet(nn.Module):
 
 
 def _check_config(instance, attribute, value):
-    from pyramidkd.engine.validation import FieldValueError
-
     for item in value:
         if item != POOL and not (isinstance(item, int) and item > 0):
             raise FieldValueError(f"entries must be positive channel counts or \"M\" (max-pool), got {item!r}", "e.g. layers = [32, \"M\", 64, \"M\"]")

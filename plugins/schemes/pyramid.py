@@ -31,13 +31,12 @@ per level).
 
 from __future__ import annotations
 
-import copy
+import difflib
 from typing import Any, Literal
 
 import attrs
 
-from pyramidkd.engine import RecipeError, Scheme, StageOutput, StagePlan, hookimpl
-from pyramidkd.engine.validation import between, positive
+from pyramidkd.engine import ModelSource, RecipeError, Scheme, StageOutput, StagePlan, between, hookimpl, positive
 from pyramidkd.plugins.models.pyramid import BACKWARD_LEVELS, FORWARD_LEVELS, MODELS, PyramidModel
 
 FORWARD_CHAIN = ("vgg19",) + FORWARD_LEVELS
@@ -105,26 +104,15 @@ class EnsembleParams:
 
 @attrs.define
 class Teacher:
-    source: Any  # ModelSource
+    source: ModelSource
     cls: type
     params: dict
     reference: str
 
 
-def _source_model(context, source, reference: str, key: str) -> tuple[type, dict]:
-    """The model class and parameters behind a stage output or a checkpoint file."""
-    if isinstance(source, StageOutput):
-        plan = next(s for s in context.stages if s.id == source.stage_id)
-        return plan.model.cls, attrs.asdict(plan.model.params)
-    from pyramidkd.engine.rundir import load_checkpoint
-
-    description = load_checkpoint(source.path).get("model") or {}
-    return context.registries["model"].get(description.get("name"), file=context.recipe.file, key=key), dict(description.get("params") or {})
-
-
 def resolve_teacher(context, reference: str, key: str, scheme: str, *, pyramid: bool = True) -> Teacher:
-    source = context.model_source(reference, key)
-    cls, params = _source_model(context, source, reference, key)
+    model = context.model_of(reference, key)
+    source, cls, params = model.source, model.cls, model.params
     if pyramid and not (isinstance(cls, type) and issubclass(cls, PyramidModel)):
         raise RecipeError(
             f"scheme {scheme!r} needs a Pyramid-family teacher (vgg19 or an svgg level), but {reference!r} is a {cls.name!r} model",
@@ -172,8 +160,6 @@ def check_levels(levels: list[str], allowed: tuple[str, ...], entry, scheme: str
         raise RecipeError(f"scheme {scheme!r}: levels is empty", key=key, fix=f"list one or more of {', '.join(allowed)}")
     for index, level in enumerate(levels):
         if level not in allowed:
-            import difflib
-
             close = difflib.get_close_matches(level, allowed, n=1)
             raise RecipeError(
                 f"scheme {scheme!r}: unknown level {level!r}; levels: {', '.join(allowed)}",
@@ -202,21 +188,8 @@ def stage1_loss_spec(context, entry, params):
 
 
 def stage1_train(context, entry, params):
-    section = entry.section
-    if params.stage1_train:
-        section = attrs.evolve(section, train=_merge(copy.deepcopy(section.train), params.stage1_train))
-    from pyramidkd.engine.recipe import stage_train_section
-
-    train = stage_train_section(context.recipe, section)
-    if params.stage1_epochs is not None:
-        train = attrs.evolve(train, epochs=params.stage1_epochs)
-    return train
-
-
-def _merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        base[key] = _merge(dict(base[key]), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else copy.deepcopy(value)
-    return base
+    """The entry's training settings, ``stage1_train`` over them, ``stage1_epochs`` last."""
+    return context.train(entry, overrides=params.stage1_train, epochs=params.stage1_epochs, key=f"{entry.key}.scheme.stage1_train")
 
 
 def stage2_loss(context, entry, default: str = "ce"):

@@ -30,7 +30,7 @@ import torch
 from pyramidkd.engine import ops
 from pyramidkd.engine.rundir import RunDirectory
 from pyramidkd.engine.runner import Run, dataset_context, prepare, run_recipe
-from pyramidkd.engine.stage import StageRunner
+from pyramidkd.engine.training.loop import StageRunner
 
 pytestmark = pytest.mark.benchmark_suite
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml"
@@ -56,7 +56,7 @@ def stage_runner(folder: Path, stage_id: str, overrides=(), device: str = "cpu")
     stage = next(s for s in prepared.stages if s.id == stage_id)
     runner = StageRunner(run, stage, {})
     progress = runner.setup()
-    loader = runner.loader(data.train, train=True, generator=runner.generator)
+    loader = runner.loader(data.train, train=True, generator=runner.state.generator)
     return runner, progress, loader
 
 
@@ -64,12 +64,12 @@ def bare_loop(runner: StageRunner):
     """What a user would write by hand: the same work, no engine."""
     import copy
 
-    student = copy.deepcopy(runner.student)
+    student = copy.deepcopy(runner.state.student)
     device = runner.device
-    teacher = runner.teacher_taps[0].model
+    teacher = runner.state.teacher_taps[0].model
     dataset = runner.run.data.train
     settings = runner.stage.train
-    loss_params = runner.loss_fn.params
+    loss_params = runner.state.loss_fn.params
     optimizer = torch.optim.SGD(student.parameters(), lr=settings.optimizer.lr, momentum=settings.optimizer.momentum,
                                 weight_decay=settings.optimizer.weight_decay)
     generator = torch.Generator().manual_seed(0)

@@ -36,8 +36,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from pyramidkd.engine import Loss, UserError
-from pyramidkd.engine.validation import non_negative, positive
+from pyramidkd.engine import Loss, UserError, non_negative, positive
 
 
 def _teacher_logits(teachers) -> torch.Tensor:

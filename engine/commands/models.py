@@ -7,17 +7,19 @@ ReLUs, batch norm and dropout are not counted).
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import attrs
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
+from ..formatting import format_count, format_table
+from ..training.models import count_parameters
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+NAME = "models"
+HELP = "list every registered model with its parameters and MACs"
 
 
 @torch.no_grad()
@@ -53,41 +55,32 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return total
 
 
-def measure(component, num_classes: int, input_shape: tuple[int, int, int]) -> tuple[int, int]:
-    """(parameters, MACs) of a model component, built on the CPU."""
-    model = component.build(num_classes, input_shape)
-    return count_parameters(model), count_macs(model, input_shape)
-
-
-def _short(count: int | None) -> str:
-    if count is None:
-        return "-"
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if count >= limit:
-            return f"{count / limit:.2f}{suffix}"
-    return str(count)
+def default_params(cls, width: float):
+    """A model class's default Params, with ``width`` where it has one."""
+    fields = {field.name for field in attrs.fields(cls.Params)}
+    return cls.Params(width=width) if "width" in fields else cls.Params()
 
 
 def describe_models(registry, num_classes: int, image_size: int, width: float, channels: int = 3) -> list[dict]:
-    """One row per registered model, built with default Params (``width`` where it has one)."""
+    """One row per registered model, built on the CPU with default Params (``width`` where it has one)."""
     rows = []
     input_shape = (channels, image_size, image_size)
     for registration in registry:  # registration order: plugin by plugin
         cls = registration.cls
-        fields = {f.name for f in attrs.fields(cls.Params)}
-        params = cls.Params(width=width) if "width" in fields else cls.Params()
+        has_width = "width" in {field.name for field in attrs.fields(cls.Params)}
         row = {
             "name": cls.name,
             "params": None,
             "macs": None,
-            "width": width if "width" in fields else None,
+            "width": width if has_width else None,
             "num_classes": num_classes,
             "image_size": image_size,
             "plugin": registration.plugin,
             "description": cls.summary(),
         }
         try:
-            row["params"], row["macs"] = measure(cls(params), num_classes, input_shape)
+            model = cls(default_params(cls, width)).build(num_classes, input_shape)
+            row["params"], row["macs"] = count_parameters(model), count_macs(model, input_shape)
         except (UserError, RuntimeError, ValueError, TypeError) as error:
             row["error"] = str(error).splitlines()[0]
         rows.append(row)
@@ -95,30 +88,34 @@ def describe_models(registry, num_classes: int, image_size: int, width: float, c
 
 
 def format_models(rows: list[dict]) -> str:
-    headers = ["name", "params", "MACs", "description"]
     table = [
-        [row["name"], _short(row["params"]), _short(row["macs"]), row.get("error") and f"error: {row['error']}" or row["description"]]
+        {
+            "name": row["name"],
+            "params": format_count(row["params"]),
+            "MACs": format_count(row["macs"]),
+            "description": f"error: {row['error']}" if row.get("error") else row["description"],
+        }
         for row in rows
     ]
-    widths = [max(len(headers[i]), *(len(r[i]) for r in table)) if table else len(headers[i]) for i in range(len(headers))]
-    right = {1, 2}  # numbers right-aligned
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in table)])
+    return format_table(table, right={"params", "MACs"})
 
 
-def models_command(args) -> int:
-    from .host import make_plugin_host
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-classes", type=int, default=10, metavar="C")
+    parser.add_argument("--image-size", type=int, default=96, metavar="S")
+    parser.add_argument("--width", type=float, default=1.0, metavar="W", help="channel multiplier for models that take one")
+    parser.add_argument("--json", action="store_true", help="a JSON list of {name, params, macs, ...}")
+
+
+def execute(args: argparse.Namespace) -> int:
+    from ..host import make_plugin_host
 
     for name, value in (("--num-classes", args.num_classes), ("--image-size", args.image_size)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}", fix=f"pass a positive {name}")
     if not args.width > 0:
         raise UserError(f"--width must be > 0, got {args.width}", fix="pass a positive channel multiplier, e.g. --width 0.25")
-    host = make_plugin_host()
-    rows = describe_models(host.registry("model"), args.num_classes, args.image_size, args.width)
+    rows = describe_models(make_plugin_host().registry("model"), args.num_classes, args.image_size, args.width)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -7,6 +7,7 @@ about 4× faster" on the user's own hardware and states the measured ratios.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -14,9 +15,13 @@ import time
 
 import torch
 
-from .errors import UserError
-from .modelinfo import _short, count_macs, count_parameters
+from ..errors import UserError
+from ..formatting import format_count, format_table
+from ..training.models import count_parameters
+from .models import count_macs, default_params
 
+NAME = "bench-models"
+HELP = "params, MACs and measured latency of vgg19 and the SVGG models (table + PNG)"
 DEFAULT_MODELS = ["vgg19", "svgg17", "svgg14", "svgg11", "svgg8", "svgg5", "svgg17_b", "svgg14_b", "svgg11_b", "svgg8_b"]
 
 
@@ -45,9 +50,7 @@ def bench_models(registry, names, *, num_classes, image_size, width, batch_sizes
     shape = (3, image_size, image_size)
     for name in names:
         cls = registry.get(name, key="--models")
-        fields = {f.name for f in __import__("attrs").fields(cls.Params)}
-        params = cls.Params(width=width) if "width" in fields else cls.Params()
-        model = cls(params).build(num_classes, shape).to(device).eval()
+        model = cls(default_params(cls, width)).build(num_classes, shape).to(device).eval()
         row = {"name": name, "params": count_parameters(model), "macs": count_macs(model, shape), "latency_s": {}}
         for batch_size in batch_sizes:
             batch = torch.randn((batch_size, *shape), device=device)
@@ -72,36 +75,31 @@ def ratios(rows: list[dict], baseline: str = "vgg19", target: str = "svgg5") -> 
 
 
 def format_rows(rows: list[dict], batch_sizes) -> str:
-    headers = ["model", "params", "MACs", *[f"batch {bs} (ms)" for bs in batch_sizes]]
-    table = [[r["name"], _short(r["params"]), _short(r["macs"]), *[f"{1e3 * r['latency_s'][str(bs)]:.2f}" for bs in batch_sizes]] for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) for cells in [headers, ["-" * w for w in widths], *table]]
-    return "\n".join(lines)
+    latency_columns = [f"batch {bs} (ms)" for bs in batch_sizes]
+    table = [
+        {"model": r["name"], "params": format_count(r["params"]), "MACs": format_count(r["macs"]),
+         **{column: f"{1e3 * r['latency_s'][str(bs)]:.2f}" for column, bs in zip(latency_columns, batch_sizes)}}
+        for r in rows
+    ]
+    return format_table(table, right={"params", "MACs", *latency_columns})
 
 
-def plot(rows: list[dict], batch_sizes, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in rows]
-    figure, axes = plt.subplots(1, 1 + len(batch_sizes), figsize=(4.5 * (1 + len(batch_sizes)), 4))
-    axes[0].bar(names, [r["params"] / 1e6 for r in rows], color="tab:blue")
-    axes[0].set_ylabel("parameters (M)")
-    for axis, batch_size in zip(axes[1:], batch_sizes):
-        axis.bar(names, [1e3 * r["latency_s"][str(batch_size)] for r in rows], color="tab:orange")
-        axis.set_ylabel(f"latency, batch {batch_size} (ms)")
-    for axis in axes:
-        axis.tick_params(axis="x", rotation=60)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="", help="comma-separated model names (default: vgg19 and every SVGG)")
+    parser.add_argument("--num-classes", type=int, default=10, metavar="C")
+    parser.add_argument("--image-size", type=int, default=96, metavar="S")
+    parser.add_argument("--width", type=float, default=1.0, metavar="W")
+    parser.add_argument("--batch-sizes", default="1,128", metavar="B1,B2")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--output", default=".", metavar="DIR", help="where bench-models.png and .json go")
+    parser.add_argument("--json", action="store_true")
 
 
-def bench_models_command(args) -> int:
-    from .host import make_plugin_host
+def execute(args: argparse.Namespace) -> int:
+    from ..host import make_plugin_host
+    from .plots import plot_bench, save
 
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
@@ -121,7 +119,7 @@ def bench_models_command(args) -> int:
     title = f"{args.image_size}×{args.image_size}, {args.num_classes} classes, width {args.width:g} on {device_name}"
     os.makedirs(args.output, exist_ok=True)
     png = os.path.join(args.output, "bench-models.png")
-    plot(rows, batch_sizes, png, title)
+    save(plot_bench(rows, batch_sizes, title), png, dpi=110)
     result = {"device": device_name, "image_size": args.image_size, "num_classes": args.num_classes, "width": args.width,
               "torch": torch.__version__, "models": rows, "vgg19_vs_svgg5": found, "plot": png}
     with open(os.path.join(args.output, "bench-models.json"), "w", encoding="utf-8") as handle:

@@ -1,0 +1,30 @@
+"""``pyramidkd validate RECIPE``: every check short of training."""
+
+from __future__ import annotations
+
+import argparse
+
+from .run import add_recipe_arguments
+
+NAME = "validate"
+HELP = "check a recipe and its plugins without training"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+
+
+def _source(teacher) -> str:
+    return getattr(teacher, "stage_id", None) or getattr(teacher, "path", None) or "?"
+
+
+def execute(args: argparse.Namespace) -> int:
+    from ..runner import dataset_context, prepare
+
+    prepared = prepare(args.recipe, args.overrides)
+    prepared.dataset.instantiate().check(dataset_context(prepared.recipe))
+    print(f"{args.recipe}: ok — {len(prepared.stages)} stage(s): {', '.join(s.id for s in prepared.stages)}")
+    for stage in prepared.stages:
+        teachers = ", ".join(_source(t) for t in stage.teachers) or "-"
+        print(f"  {stage.id}: model {stage.model.name}, loss {stage.loss.name}, teacher {teachers}, {stage.train.epochs} epochs")
+    return 0

@@ -1,0 +1,63 @@
+"""The host's own recipe sections: ``[experiment]`` and ``[train]``.
+
+They live apart from :mod:`~pyramidkd.engine.recipe` so that
+:class:`~pyramidkd.engine.components.StagePlan` can name ``TrainSection`` as its
+type without importing the recipe loader (which imports the components).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from .validation import between, non_negative, positive
+
+
+@attrs.define
+class ExperimentSection:
+    name: str = attrs.field(default="experiment", metadata={"help": "used for the default output folder"})
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plugins: list[str] = attrs.field(factory=list, metadata={"help": "local plugin modules to load"})
+    threads: int = attrs.field(default=0, validator=non_negative, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    description: str = ""
+
+
+@attrs.define
+class OptimizerSection:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = attrs.field(default=0.05, validator=positive, metadata={"help": "learning rate, e.g. 0.05 for SGD, 1e-3 for Adam"})
+    momentum: float = attrs.field(default=0.9, validator=between(0.0, 1.0))
+    weight_decay: float = attrs.field(default=5e-4, validator=non_negative)
+    nesterov: bool = False
+
+
+@attrs.define
+class SchedulerSection:
+    name: Literal["none", "cosine", "step", "plateau"] = "cosine"
+    step_size: int = attrs.field(default=30, validator=positive, metadata={"help": "epochs between decays (step)"})
+    gamma: float = attrs.field(default=0.1, validator=positive)
+    factor: float = attrs.field(default=0.1, validator=between(0.0, 1.0), metadata={"help": "plateau decay factor"})
+    patience: int = attrs.field(default=5, validator=non_negative)
+    min_lr: float = attrs.field(default=0.0, validator=non_negative)
+
+
+@attrs.define
+class TrainSection:
+    """One stage's training settings: ``[train]``, then ``[stages.train]`` over it."""
+
+    epochs: int = attrs.field(default=10, validator=positive, metadata={"help": "number of epochs, e.g. 10"})
+    batch_size: int = attrs.field(default=64, validator=positive, metadata={"help": "e.g. 64"})
+    eval_batch_size: int = attrs.field(default=256, validator=positive)
+    num_workers: int = attrs.field(default=0, validator=non_negative)
+    grad_clip: float = attrs.field(default=0.0, validator=non_negative, metadata={"help": "max gradient norm; 0 = off"})
+    on_nan: Literal["stop", "skip-batch"] = attrs.field(default="stop", metadata={"help": "what a non-finite loss does"})
+    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(default="fp32", metadata={"help": "autocast precision (fp16 uses a GradScaler)"})
+    channels_last: bool = False
+    compile: bool = attrs.field(default=False, metadata={"help": "torch.compile the student and teacher forward"})
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "batches each worker loads ahead"})
+    optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
+    scheduler: SchedulerSection = attrs.field(factory=SchedulerSection)

@@ -1,0 +1,254 @@
+"""One training stage: the loop every scheme's stages share, resumable to the step.
+
+A ``last`` checkpoint (written atomically at the end of every epoch, and mid-epoch
+when a run is interrupted) holds the model, optimiser, scheduler, loss-module state,
+the position (epoch, step), the best-so-far metric, the stage's metrics history and
+every RNG state (python, numpy, torch CPU and CUDA, the data-loader generator), so a
+resumed stage continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import attrs
+import torch
+
+from ..components import ModelSource, StageOutput, StagePlan
+from ..distributed import all_reduce_max, all_reduce_sum
+from ..records import EpochRecord, StageResult, TeacherRef, TestRecord
+from .checkpoints import model_checkpoint, save_checkpoint
+from .evaluate import autocast_context, evaluate, stage_loss
+from .loaders import make_loader
+from .models import count_parameters
+from .optim import step_scheduler
+from .rng import restore_rng_states, rng_states
+from .state import Progress, StageState, build_stage_state, last_checkpoint, restore_state
+from .stops import SavedPosition, StopFlag, TrainingError
+
+
+class StageRunner:
+    """Trains one stage (``run`` is the :class:`~pyramidkd.engine.runner.Run`)."""
+
+    def __init__(self, run, stage: StagePlan, teacher_cache: dict, stop: StopFlag | None = None, fingerprint: str | None = None):
+        self.run = run
+        self.stage = stage
+        self.device = run.device
+        self.teacher_cache = teacher_cache
+        self.stop = stop or StopFlag()
+        self.fingerprint = fingerprint
+        self.state: StageState | None = None
+        self.started = time.time()
+        self.num_steps: int | None = None  # optimisation steps per epoch, known once the loader exists
+
+    # -- the stage -----------------------------------------------------------
+    def execute(self, resume_checkpoint: dict | None = None) -> StageResult:
+        progress = self.setup(resume_checkpoint)
+        self.run.call("pyramidkd_stage_start", stage=self.stage)
+        try:
+            self.train(progress)
+        finally:
+            self.close()
+        return self.finish(progress)
+
+    def setup(self, resume_checkpoint: dict | None = None) -> Progress:
+        """Build what the stage trains on (restored from ``resume_checkpoint`` if
+        given); return where training stands."""
+        self.stop.enter_stage(self.stage.id)
+        started = time.time()
+        self.state = build_stage_state(self.run, self.stage, self.teacher_cache)
+        progress = Progress()
+        elapsed_before = 0.0
+        if resume_checkpoint is not None:
+            path = self.checkpoint_path("last")
+            progress = restore_state(self.state, resume_checkpoint, path, self.checkpoint_path("best"))
+            elapsed_before = resume_checkpoint.get("elapsed_s", 0.0)
+            self.stop.record_save(SavedPosition(path, progress.epoch, progress.step))
+        self.started = started - elapsed_before  # a stage's time includes the time before an interruption
+        return progress
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.close()
+
+    def checkpoint_path(self, which: str) -> str:
+        return self.run.directory.checkpoint(self.stage.id, which)
+
+    def loader(self, dataset, *, train: bool, generator: torch.Generator | None = None):
+        return make_loader(dataset, self.stage.train, self.run.world, self.device, train=train, generator=generator)
+
+    # -- epochs ----------------------------------------------------------------
+    def train(self, progress: Progress) -> None:
+        run, stage = self.run, self.stage
+        train_loader = self.loader(run.data.train, train=True, generator=self.state.generator)
+        val_loader = self.loader(run.data.val, train=False)
+        self.num_steps = len(train_loader)
+        for epoch in range(progress.epoch + 1, stage.train.epochs + 1):
+            epoch_started = time.time()
+            train_loss, train_acc = self.train_epoch(epoch, train_loader, progress)
+            train_time = time.time() - epoch_started
+            record = self.validate_epoch(epoch, val_loader, progress, train_loss=train_loss, train_acc=train_acc,
+                                         train_time=train_time, epoch_started=epoch_started)
+            progress.history.append(record)
+            progress.end_epoch(epoch)
+            # `last` first, then the hooks: a crash after this point loses nothing.
+            self.save_last(progress)
+            run.call("pyramidkd_epoch_end", stage=stage, epoch=epoch, metrics=record)
+            run.call("pyramidkd_metrics", stage=stage, record=record)
+
+    def validate_epoch(self, epoch: int, loader, progress: Progress, *, train_loss: float, train_acc: float,
+                       train_time: float, epoch_started: float) -> EpochRecord:
+        """Validate, step the schedule, keep the best epoch; the epoch's record."""
+        stage, state, settings = self.stage, self.state, self.stage.train
+        val_loss, val_acc = evaluate(state.student, loader, self.device, precision=settings.precision, world=self.run.world,
+                                     prepare=state.prepare_images)
+        own_loss = stage_loss(state, loader, self.device, precision=settings.precision, world=self.run.world) if stage.select == "val_loss" else None
+        score = {"val_acc": val_acc, "val_loss": -(own_loss or 0.0), "last": float(epoch)}[stage.select]
+        lr = state.optimizer.param_groups[0]["lr"]
+        step_scheduler(state.scheduler, val_acc)
+        if score > progress.best_score:
+            progress.best_score, progress.best_epoch, progress.best_val_acc = score, epoch, val_acc
+            best = state.keep_best()
+            if self.run.world.is_main:
+                save_checkpoint(self.checkpoint_path("best"), model_checkpoint(stage, self.run.data, best, epoch=epoch, val_acc=val_acc))
+        return EpochRecord(
+            stage=stage.id, entry=stage.entry_id, epoch=epoch, epochs=settings.epochs,
+            train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc, stage_val_loss=own_loss,
+            best_val_acc=progress.best_val_acc, best_epoch=progress.best_epoch, lr=lr,
+            skipped_batches=progress.skipped_batches, train_time_s=round(train_time, 4),
+            epoch_time_s=round(time.time() - epoch_started, 4),
+        )
+
+    # -- steps -----------------------------------------------------------------
+    def train_epoch(self, epoch: int, loader, progress: Progress) -> tuple[float, float]:
+        """One pass over the training data (the rest of it, when resumed mid-epoch);
+        the epoch's mean loss and accuracy over every rank."""
+        state = self.state
+        state.student.train()
+        state.loss_fn.train()
+        num_steps = len(loader)
+        # loss sum, correct, seen: kept on the device, synchronised once per epoch
+        totals = torch.tensor([progress.loss_sum, progress.correct, progress.seen], dtype=torch.float64, device=self.device)
+        for step, (images, targets) in enumerate(self.epoch_batches(epoch, loader, progress), start=progress.step + 1):
+            images = state.prepare_images(images.to(self.device, non_blocking=True))
+            targets = targets.to(self.device, non_blocking=True)
+            with autocast_context(self.device, self.stage.train.precision):
+                student_out = state.student_tap(images)
+                loss = state.loss_fn(student_out, state.teacher_outputs(images), targets)
+            bad_loss, stop = self.step_flags(loss)
+            if bad_loss:
+                self.skip_bad_batch(epoch, step, loss, progress)
+            else:
+                self.optimise(loss, step, images.shape[0])
+                totals[0] += loss.detach().double() * images.shape[0]
+                totals[1] += (student_out.logits.detach().argmax(1) == targets).sum()
+                totals[2] += images.shape[0]
+            self.run.call("pyramidkd_batch_end", stage=self.stage, epoch=epoch, step=step, num_steps=num_steps, loss=loss.detach(),
+                          on_error=lambda: self.save_mid_epoch(progress, epoch, step, totals))
+            if stop:
+                self.save_mid_epoch(progress, epoch, step, totals)
+                raise self.stop.interrupted()
+        loss_sum, correct, seen = all_reduce_sum(self.run.world, totals).tolist()
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+    def epoch_batches(self, epoch: int, loader, progress: Progress):
+        """The epoch's batches; resumed mid-epoch, the same shuffle minus the batches done."""
+        generator = self.state.generator
+        loader.batch_sampler.set_epoch(epoch)
+        if progress.step == 0:
+            progress.epoch_loader_state = generator.get_state()
+            return iter(loader)
+        saved_rng = rng_states(generator)
+        generator.set_state(progress.epoch_loader_state)
+        batches = itertools.islice(iter(loader), progress.step, None)
+        restore_rng_states(saved_rng, None)  # global RNGs as they were when interrupted
+        return batches
+
+    def step_flags(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """Is the loss non-finite on any rank, and was a stop requested on any rank?
+        Every rank decides alike."""
+        flags = torch.stack([(~torch.isfinite(loss.detach())).double(), torch.tensor(float(self.stop.signum is not None), device=self.device)])
+        bad_loss, stop = all_reduce_max(self.run.world, flags).tolist()
+        return bool(bad_loss), bool(stop)
+
+    def skip_bad_batch(self, epoch: int, step: int, loss: torch.Tensor, progress: Progress) -> None:
+        """The NaN policy: stop (the last good checkpoint is kept) or skip the batch."""
+        if self.stage.train.on_nan == "stop":
+            raise TrainingError(
+                f"stage {self.stage.id!r}, epoch {epoch}, step {step}: the loss is {loss.item()}; training stopped",
+                fix='lower the learning rate or check the data; the last good checkpoint is kept '
+                f'({os.path.relpath(self.checkpoint_path("last"))}); on_nan = "skip-batch" skips such batches',
+            )
+        progress.skipped_batches += 1
+        self.state.optimizer.zero_grad(set_to_none=True)
+
+    def optimise(self, loss: torch.Tensor, step: int, local_batch: int) -> None:
+        state, settings, world = self.state, self.stage.train, self.run.world
+        state.optimizer.zero_grad(set_to_none=True)
+        weight = 1.0
+        if world.distributed:
+            # Weight by this rank's share of the global batch: DDP averages the
+            # ranks' gradients, so the sum equals the single-process gradient.
+            global_batch = min(settings.batch_size, len(self.run.data.train) - (step - 1) * settings.batch_size)
+            weight = local_batch * world.size / global_batch
+        state.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        if settings.grad_clip > 0:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.trained_parameters, settings.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+
+    # -- saving ------------------------------------------------------------------
+    def save_last(self, progress: Progress) -> None:
+        checkpoint = last_checkpoint(self.run, self.stage, self.state, progress, elapsed_s=time.time() - self.started,
+                                     fingerprint=self.fingerprint)
+        path = self.checkpoint_path("last")
+        if self.run.world.is_main:
+            save_checkpoint(path, checkpoint)
+        self.stop.record_save(SavedPosition(path, progress.epoch, progress.step, self.num_steps))
+
+    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor) -> None:
+        loss_sum, correct, seen = totals.tolist()
+        self.save_last(attrs.evolve(progress, epoch=epoch - 1, step=step, loss_sum=loss_sum, correct=int(correct), seen=int(seen)))
+
+    # -- end of stage ------------------------------------------------------------
+    def finish(self, progress: Progress) -> StageResult:
+        run, stage, state = self.run, self.stage, self.state
+        state.student.load_state_dict(state.best_state)
+        test_loss, test_acc = evaluate(state.student, self.loader(run.data.test, train=False), self.device,
+                                       precision=stage.train.precision, world=run.world, prepare=state.prepare_images)
+        result = StageResult(
+            stage=stage.id,
+            entry=stage.entry_id,
+            model=stage.model.name,
+            model_params=stage.model.as_dict(),
+            loss=stage.loss.name,
+            params=count_parameters(state.student),
+            epochs=stage.train.epochs,
+            select=stage.select,
+            best_epoch=progress.best_epoch,
+            best_val_acc=progress.best_val_acc,
+            last_val_acc=progress.history[-1].val_acc if progress.history else None,
+            test_acc=test_acc,
+            test_loss=test_loss,
+            teachers=tuple(self.describe_source(source) for source in stage.teachers),
+            inherited_tensors=len(state.inherited),
+            reference_test_acc=run.reference_for(stage),
+            info=stage.info,
+            checkpoint=os.path.relpath(self.checkpoint_path("best"), run.directory.path),
+            time_s=round(time.time() - self.started, 3),
+            fingerprint=self.fingerprint,
+        )
+        record = TestRecord(stage=stage.id, entry=stage.entry_id, epoch=progress.best_epoch, val_acc=progress.best_val_acc,
+                            test_acc=test_acc, test_loss=test_loss)
+        run.call("pyramidkd_metrics", stage=stage, record=record)
+        return result
+
+    def describe_source(self, source: ModelSource) -> TeacherRef:
+        if isinstance(source, StageOutput):
+            earlier = self.run.results.get(source.stage_id)
+            return TeacherRef(stage=source.stage_id, model=earlier.model if earlier else None,
+                              test_acc=earlier.test_acc if earlier else None)
+        return TeacherRef(file=source.path)

@@ -1,0 +1,241 @@
+"""Everything a stage trains on, built in one place (:func:`build_stage_state`),
+and where training stands (:class:`Progress`); both saved in ``last`` and restored."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from ..components import Loss, ModelOutput, ModelSource, StageOutput, StagePlan
+from ..errors import CheckpointError, RecipeError
+from ..records import EpochRecord
+from .checkpoints import load_checkpoint, model_checkpoint
+from .models import build_model, inherit_weights, load_state, model_from_checkpoint
+from .optim import make_optimizer, make_scheduler
+from .rng import restore_rng_states, rng_states, seed_everything, stage_seed
+from .taps import TapRecorder
+
+
+@attrs.define
+class Progress:
+    """Where a stage stands; saved in ``last`` and restored on resume."""
+
+    epoch: int = 0  # last epoch completely done
+    step: int = 0  # steps done in epoch+1 (mid-epoch save), 0 at an epoch boundary
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_val_acc: float = 0.0
+    history: list[EpochRecord] = attrs.field(factory=list)  # this stage's epoch records
+    skipped_batches: int = 0
+    # mid-epoch only: running sums and the loader state the epoch started from
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    epoch_loader_state: torch.Tensor | None = None
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        # records as plain dicts: a checkpoint must not depend on class paths
+        return {**attrs.asdict(self, recurse=False), "history": [record.to_dict() for record in self.history]}
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> "Progress":
+        return cls(**{**data, "history": [EpochRecord.from_dict(record) for record in data["history"]]})
+
+    def end_epoch(self, epoch: int) -> None:
+        """An epoch is complete: the position moves to its end, running sums reset."""
+        self.epoch, self.step, self.skipped_batches = epoch, 0, 0
+        self.loss_sum, self.correct, self.seen, self.epoch_loader_state = 0.0, 0, 0, None
+
+
+@attrs.define(eq=False)
+class StageState:
+    """The models, loss, optimiser and RNG a stage trains with."""
+
+    student: nn.Module
+    student_tap: TapRecorder
+    teacher_taps: list[TapRecorder]
+    loss_fn: Loss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LR scheduler, or None
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # the data order; saved with the other RNG states
+    channels_last: bool = False
+    inherited: list[str] = attrs.field(factory=list)  # tensors copied from init_from
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights (CPU)
+
+    @property
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        return prepare_images(images, self.channels_last)
+
+    def teacher_outputs(self, images: torch.Tensor) -> list[ModelOutput]:
+        """Frozen teachers under inference mode; their outputs are cloned into
+        normal tensors so losses may save them for backward."""
+        return teacher_outputs(self.teacher_taps, images)
+
+    def keep_best(self) -> dict[str, torch.Tensor]:
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        return self.best_state
+
+    def close(self) -> None:
+        self.student_tap.close()
+        for tap in self.teacher_taps:
+            tap.close()
+
+
+def prepare_images(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def teacher_outputs(taps: list[TapRecorder], images: torch.Tensor) -> list[ModelOutput]:
+    if not taps:
+        return []
+    with torch.inference_mode():
+        outputs = [tap(images) for tap in taps]
+    return [ModelOutput(o.logits.clone(), {k: v.clone() for k, v in o.features.items()}) for o in outputs]
+
+
+# --- building ----------------------------------------------------------------
+
+
+def load_source(run, source: ModelSource) -> tuple[dict, str]:
+    """The checkpoint behind a teacher or ``init_from``: an earlier stage's best, or a file."""
+    path = run.directory.checkpoint(source.stage_id, "best") if isinstance(source, StageOutput) else source.path
+    return load_checkpoint(path), path
+
+
+def load_teacher(run, source: ModelSource, cache: dict) -> nn.Module:
+    """A frozen teacher on the run's device; one shared by stages is loaded once."""
+    if source not in cache:
+        checkpoint, path = load_source(run, source)
+        model, _ = model_from_checkpoint(checkpoint, path, run.host)
+        model.to(run.device).eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        cache[source] = model
+    return cache[source]
+
+
+def build_stage_state(run, stage: StagePlan, teacher_cache: dict) -> StageState:
+    """Seed, then build the student (weights inherited from ``init_from``), the
+    teachers, the loss, the optimiser and the scheduler — in this order, which
+    fixes what the stage's seed gives each of them."""
+    device, settings = run.device, stage.train
+    seed = stage_seed(run.seed, stage.id)
+    seed_everything(seed)
+    student = build_model(stage.model, run.data)
+    inherited: list[str] = []
+    if stage.init_from is not None:
+        checkpoint, _ = load_source(run, stage.init_from)
+        inherited = inherit_weights(student, checkpoint["state_dict"])
+    student.to(device)
+    if settings.channels_last:
+        student.to(memory_format=torch.channels_last)
+    teachers = [load_teacher(run, source, teacher_cache) for source in stage.teachers]
+    if settings.channels_last:
+        for teacher in teachers:
+            teacher.to(memory_format=torch.channels_last)
+    loss_fn = stage.loss.instantiate().to(device)
+
+    forward = student
+    if run.world.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    teacher_forwards = list(teachers)
+    if settings.compile:
+        forward = torch.compile(forward)
+        teacher_forwards = [torch.compile(t) for t in teachers]
+    student_tap = TapRecorder(student, stage.student_taps, role="student", stage_id=stage.id, forward=forward)
+    teacher_taps = [TapRecorder(t, stage.teacher_taps, role="teacher", stage_id=stage.id, forward=f)
+                    for t, f in zip(teachers, teacher_forwards)]
+    generator = torch.Generator().manual_seed(seed)
+    if type(loss_fn).setup is not Loss.setup:  # shape-dependent loss parameters
+        _setup_loss(loss_fn, student_tap, teacher_taps, settings.channels_last, run.data.train, device)
+
+    trainable = _trainable_parameters(student, loss_fn, stage)
+    optimizer = make_optimizer(trainable, settings)
+    return StageState(
+        student=student,
+        student_tap=student_tap,
+        teacher_taps=teacher_taps,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, settings),
+        scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
+        generator=generator,
+        channels_last=settings.channels_last,
+        inherited=inherited,
+    )
+
+
+@torch.no_grad()
+def _setup_loss(loss_fn: Loss, student_tap: TapRecorder, teacher_taps: list[TapRecorder], channels_last: bool, dataset,
+                device: torch.device) -> None:
+    images = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(device)
+    images = prepare_images(images, channels_last)
+    student_tap.model.eval()
+    loss_fn.setup(student_tap(images), teacher_outputs(teacher_taps, images))
+    loss_fn.to(device)
+
+
+def _trainable_parameters(student: nn.Module, loss_fn: Loss, stage: StagePlan) -> list[torch.nn.Parameter]:
+    """The student's parameters under the stage's trainable prefixes (all if none),
+    plus the loss's own; the others are frozen."""
+    trainable = []
+    for name, parameter in student.named_parameters():
+        wanted = stage.trainable is None or any(name == p or name.startswith(p + ".") for p in stage.trainable)
+        parameter.requires_grad_(wanted)
+        if wanted:
+            trainable.append(parameter)
+    trainable += [p for p in loss_fn.parameters() if p.requires_grad]
+    if not trainable:
+        raise RecipeError(f"stage {stage.id!r} has no trainable parameters", fix="check the scheme's trainable layers")
+    return trainable
+
+
+# --- saving and restoring --------------------------------------------------------
+
+
+def last_checkpoint(run, stage: StagePlan, state: StageState, progress: Progress, *, elapsed_s: float,
+                    fingerprint: str | None) -> dict[str, Any]:
+    """The ``last`` checkpoint: the model plus all a resumed stage needs to continue exactly."""
+    checkpoint = model_checkpoint(stage, run.data, state.student.state_dict(), epoch=progress.epoch, val_acc=progress.best_val_acc)
+    checkpoint.update(
+        {
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+            "grad_scaler": state.scaler.state_dict(),
+            "loss_state": state.loss_fn.state_dict(),
+            "progress": progress.to_checkpoint(),
+            "rng": rng_states(state.generator),
+            "elapsed_s": elapsed_s,
+            "level": stage.info.get("level"),
+            "recipe_stage": stage.entry_id,
+            "fingerprint": fingerprint,
+        }
+    )
+    return checkpoint
+
+
+def restore_state(state: StageState, checkpoint: dict, path: str, best_path: str) -> Progress:
+    """Load a ``last`` checkpoint into ``state`` (RNG states included); return its progress."""
+    load_state(state.student, checkpoint["state_dict"], path)
+    try:
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scheduler is not None and checkpoint.get("scheduler") is not None:
+            state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.loss_fn.load_state_dict(checkpoint.get("loss_state", {}))
+        if checkpoint.get("grad_scaler"):
+            state.scaler.load_state_dict(checkpoint["grad_scaler"])
+        progress = Progress.from_checkpoint(checkpoint["progress"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"cannot resume from this checkpoint: {error}", file=path, fix="re-run with --force to start over") from error
+    restore_rng_states(checkpoint["rng"], state.generator)
+    if progress.best_epoch:
+        state.best_state = load_checkpoint(best_path)["state_dict"]
+    return progress

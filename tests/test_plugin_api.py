@@ -1,0 +1,198 @@
+"""The built-in plugins and the example package use only the public plugin API:
+``pyramidkd.engine``'s ``__all__``, the op front end ``pyramidkd.engine.ops`` and
+other plugin modules (and, in the example's tests, ``pyramidkd.testing``)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+import pyramidkd.engine as engine
+from pyramidkd.engine import PlanContext, StageEntry
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_TREES = [ROOT / "plugins", ROOT / "examples"]
+OPS = "pyramidkd.engine.ops"
+
+
+def plugin_files() -> list[Path]:
+    files = [path for tree in PLUGIN_TREES for path in sorted(tree.rglob("*.py"))]
+    return [path for path in files if not {"build", ".venv", "__pycache__"} & set(path.parts)]
+
+
+def is_example_test(path: Path) -> bool:
+    return "examples" in path.parts and "tests" in path.parts
+
+
+def forbidden_imports(path: Path) -> list[str]:
+    """``file:line: import`` for every import of a non-public pyramidkd name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    example_test = is_example_test(path)
+    allowed_modules = {"pyramidkd.engine", OPS} | ({"pyramidkd.testing"} if example_test else set())
+
+    def allowed(module: str) -> bool:
+        return module in allowed_modules or module == "pyramidkd.plugins" or module.startswith("pyramidkd.plugins.")
+
+    bad = []
+    for node in ast.walk(tree):
+        found = []
+        if isinstance(node, ast.Import):
+            found = [f"import {a.name}" for a in node.names if a.name.split(".")[0] == "pyramidkd" and not allowed(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "pyramidkd":
+            module, names = node.module, [alias.name for alias in node.names]
+            if module == "pyramidkd.engine":
+                found = [f"from pyramidkd.engine import {n} (not in __all__)" for n in names if n not in engine.__all__ and n != "ops"]
+            elif module == "pyramidkd":
+                found = [f"from pyramidkd import {n}" for n in names if not (n == "testing" and example_test)]
+            elif not allowed(module):
+                found = [f"from {module} import {', '.join(names)}"]
+        bad += [f"{path.relative_to(ROOT).as_posix()}:{node.lineno}: {item}" for item in found]
+    return bad
+
+
+def test_the_checked_trees_hold_the_plugins():
+    names = {path.relative_to(ROOT).as_posix() for path in plugin_files()}
+    assert "plugins/schemes/pyramid.py" in names and "examples/pyramidkd-dkd/src/pyramidkd_dkd/scheme.py" in names
+
+
+@pytest.mark.parametrize("path", plugin_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_plugins_import_only_the_public_api(path):
+    bad = forbidden_imports(path)
+    assert not bad, "plugins may import only pyramidkd.engine's public names, pyramidkd.engine.ops and other plugins:\n" + "\n".join(bad)
+
+
+def test_the_check_catches_internal_imports(tmp_path, monkeypatch):
+    """The checker itself: each of these imports is refused, the public ones pass."""
+    plugin = tmp_path / "plugins" / "sneaky.py"
+    plugin.parent.mkdir()
+    cases = {
+        "from pyramidkd.engine.validation import positive": True,
+        "from pyramidkd.engine import rundir": True,
+        "import pyramidkd.engine.recipe": True,
+        "from pyramidkd.engine.errors import UserError": True,
+        "from pyramidkd import testing": True,
+        "from pyramidkd.engine import positive, UserError, StageEntry, ops": False,
+        "from pyramidkd.engine.ops import kd_loss": False,
+        "from pyramidkd.plugins.models.vgg import POOL": False,
+        "import torch": False,
+    }
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    for source, refused in cases.items():
+        plugin.write_text(source + "\n")
+        assert bool(forbidden_imports(plugin)) == refused, source
+
+
+def test_every_public_name_exists():
+    missing = [name for name in engine.__all__ if not hasattr(engine, name)]
+    assert not missing
+    assert len(set(engine.__all__)) == len(engine.__all__)
+
+
+def test_schemes_need_no_raw_section_or_registries():
+    """What the Pyramid scheme needed from internals is now on the public types."""
+    assert "section" not in {field.name for field in attrs.fields(StageEntry)}
+    for method in ("component", "train", "model_source", "model_of", "stages"):
+        assert hasattr(PlanContext, method), method
+    assert not hasattr(PlanContext, "registries")
+
+
+# --- the planning API a scheme uses ------------------------------------------------
+
+PROBE_RECIPE = """
+loggers = ["files"]
+[experiment]
+device = "cpu"
+[dataset]
+name = "synthetic"
+num_classes = 4
+image_size = 8
+[train]
+epochs = 3
+optimizer = { name = "adam", lr = 0.01 }
+
+[[stages]]
+id = "teacher"
+scheme = "scratch"
+model = { name = "vgg", layers = [4, "M"] }
+
+[[stages]]
+id = "probe"
+scheme = { name = "probe", reference = "teacher" }
+model = { name = "vgg", layers = [4, "M"] }
+train = { batch_size = 16 }
+"""
+
+
+def probe_plugin(seen: dict):
+    from pyramidkd import testing
+    from pyramidkd.engine import Scheme, StagePlan
+
+    @attrs.define
+    class ProbeParams:
+        reference: str = ""
+
+    class Probe(Scheme):
+        name = "probe"
+        Params = ProbeParams
+
+        def plan(self, entry, context):
+            seen["entry"] = entry
+            seen["plain"] = context.train(entry)
+            seen["defaults"] = context.train(entry, {"epochs": 9, "batch_size": 8, "grad_clip": 1.0, "optimizer": {"lr": 0.5, "momentum": 0.5}})
+            seen["overrides"] = context.train(entry, overrides={"optimizer": {"lr": 0.2}}, epochs=1)
+            seen["model"] = context.model_of(self.params.reference, f"{entry.key}.scheme.reference")
+            seen["earlier"] = context.stages
+            return [StagePlan(id=entry.id, model=entry.require_model(), loss=context.component("loss", "ce", key=f"{entry.key}.loss"),
+                              train=seen["plain"])]
+
+    return testing.plugin_module("probe_plugin", pyramidkd_register_schemes=lambda: [Probe])
+
+
+def test_a_scheme_gets_settings_and_models_from_the_context(tmp_path):
+    from pyramidkd import testing
+    from pyramidkd.engine.runner import prepare
+
+    path = tmp_path / "probe.toml"
+    path.write_text(PROBE_RECIPE)
+    seen: dict = {}
+    with testing.autoload(False):
+        prepare(str(path), extra_plugins=[probe_plugin(seen)])
+    entry = seen["entry"]
+    assert (entry.id, entry.key, entry.train.epochs, entry.train.batch_size) == ("probe", "stages[1]", 3, 16)
+    plain = seen["plain"]
+    assert (plain.epochs, plain.batch_size, plain.optimizer.name, plain.optimizer.lr) == (3, 16, "adam", 0.01)
+    # scheme defaults apply only where neither [train] nor [stages.train] says anything
+    defaults = seen["defaults"]
+    assert (defaults.epochs, defaults.batch_size, defaults.grad_clip) == (3, 16, 1.0)
+    assert (defaults.optimizer.lr, defaults.optimizer.momentum, defaults.optimizer.name) == (0.01, 0.5, "adam")
+    # overrides go over everything, key by key; epochs last
+    overrides = seen["overrides"]
+    assert (overrides.optimizer.name, overrides.optimizer.lr, overrides.epochs, overrides.batch_size) == ("adam", 0.2, 1, 16)
+    model = seen["model"]
+    assert model.name == "vgg" and model.params["layers"] == [4, "M"] and model.input_shape is None
+    assert [stage.id for stage in seen["earlier"]] == ["teacher"]
+
+
+def test_model_of_a_checkpoint_reports_what_it_was_trained_on(tmp_path):
+    from pyramidkd import testing
+    from pyramidkd.engine.runner import prepare
+    from pyramidkd.engine.training.checkpoints import save_checkpoint
+
+    component = testing.build_component("model", "vgg", {"layers": [4, "M"]})
+    save_checkpoint(str(tmp_path / "t.pt"), {
+        "model": {"name": "vgg", "params": attrs.asdict(component.params), "num_classes": 4, "input_shape": [3, 8, 8]},
+        "state_dict": component.build(4, (3, 8, 8)).state_dict(),
+    })
+    path = tmp_path / "probe.toml"
+    path.write_text(PROBE_RECIPE.replace('reference = "teacher"', 'reference = "t.pt"'))
+    seen: dict = {}
+    with testing.autoload(False):
+        prepare(str(path), extra_plugins=[probe_plugin(seen)])
+    model = seen["model"]
+    assert model.name == "vgg" and model.params["layers"] == [4, "M"]
+    assert (model.input_shape, model.num_classes) == ((3, 8, 8), 4)
+    assert model.source.path == str(tmp_path / "t.pt") and model.source.key == "stages[1].scheme.reference"
