@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .settings import TrainSection
+from .tensordata import Augmentation
 
 
 @attrs.define
@@ -46,7 +47,13 @@ class Component:
 
 @attrs.define
 class DataSplits:
-    """What a dataset plugin hands to the runner."""
+    """What a dataset plugin hands to the runner.
+
+    From ``Dataset.load`` the splits are ordinary ``torch.utils.data.Dataset``
+    objects (per-sample, through a ``DataLoader``); from ``Dataset.load_tensors``
+    they are :class:`~pyramidkd.engine.tensordata.TensorSplit` objects and
+    ``augmentation`` says how training batches are augmented.
+    """
 
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset
@@ -54,6 +61,7 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, int, int]
     class_names: list[str] = attrs.field(factory=list)
+    augmentation: Augmentation | None = None  # tensor splits only: training-batch augmentation
 
 
 @attrs.define(frozen=True)
@@ -93,6 +101,26 @@ class Dataset(Component):
 
     def check(self, context: DatasetContext) -> None:
         """Cheap check for ``pyramidkd validate`` (e.g. files exist); raise DatasetError."""
+
+    def load_tensors(self, context: DatasetContext) -> DataSplits:
+        """Offer the tensor pipeline: the same splits as ``load`` (same images, same
+        split indices) decoded once into :class:`~pyramidkd.engine.tensordata.TensorSplit`
+        objects, with ``augmentation`` describing the training augmentation that
+        ``load``'s per-sample transforms apply. A dataset that does not override it
+        only runs on the ``DataLoader`` path."""
+        raise NotImplementedError
+
+    def tensor_bytes(self, context: DatasetContext) -> int | None:
+        """Estimated size in bytes of ``load_tensors``' tensors, known without decoding:
+        ``pipeline = "auto"`` takes the tensor path when it is at most 25 % of the
+        available RAM (:mod:`pyramidkd.engine.datapath`). ``None``: unknown, the run
+        decodes and measures."""
+        return None
+
+    @classmethod
+    def offers_tensors(cls) -> bool:
+        """Whether the class implements ``load_tensors`` (the fast data path)."""
+        return cls.load_tensors is not Dataset.load_tensors
 
     def data_shape(self, context: DatasetContext) -> DataShape | None:
         """The image shape and class count ``load`` will give, when known without

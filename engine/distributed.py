@@ -3,7 +3,9 @@
 The same recipe runs unchanged under ``torchrun --nproc_per_node=N -m pyramidkd run``:
 ``train.batch_size`` stays the *global* batch. Each global batch is drawn exactly
 as in a single-process run (one permutation per epoch from the stage's seeded
-generator) and split across ranks, and every rank's loss is weighted by its share
+generator) and split across ranks — by :class:`GlobalBatchSampler` on the
+``DataLoader`` path, by :class:`~pyramidkd.engine.training.loaders.TensorBatches`
+(same order, same shares) on the tensor path — and every rank's loss is weighted by its share
 of the batch, so the averaged gradient equals the single-process one up to float
 summation order.
 """
@@ -72,11 +74,17 @@ def broadcast_object(world: World, value):
     return box[0]
 
 
+def shard_range(count: int, world: World) -> tuple[int, int]:
+    """This rank's contiguous part ``[start, stop)`` of ``count`` items (sizes differ by at most one)."""
+    base, extra = divmod(count, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return start, start + base + (1 if world.rank < extra else 0)
+
+
 def shard(items: list, world: World) -> list:
     """This rank's contiguous part of ``items`` (sizes differ by at most one)."""
-    base, extra = divmod(len(items), world.size)
-    start = world.rank * base + min(world.rank, extra)
-    return items[start : start + base + (1 if world.rank < extra else 0)]
+    start, stop = shard_range(len(items), world)
+    return items[start:stop]
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

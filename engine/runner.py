@@ -17,6 +17,7 @@ import torch
 
 from .distributed import World, barrier, broadcast_object, init_world
 from .components import ComponentSpec, DatasetContext, DataShape, DataSplits, StagePlan
+from .datapath import load_run_data, run_pipeline
 from .errors import RecipeError, RunDirectoryError
 from .host import PluginHost, make_plugin_host
 from .planning import ComponentResolver, check_sources_fit, plan_recipe, shadowed_overrides
@@ -42,6 +43,7 @@ class PreparedRun:
     loggers: list[ComponentSpec]
     resolver: ComponentResolver
     notes: list[str] = attrs.field(factory=list)  # warnings already logged (shadowed --set values)
+    pipeline: str = "auto"  # [train] pipeline, the same for every stage (engine/datapath.py)
 
     def check_data(self, data: DataSplits) -> None:
         """Refuse teacher / init_from checkpoints that do not fit the loaded data
@@ -81,10 +83,11 @@ def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iter
     shape = dataset.instantiate().data_shape(dataset_context(recipe))
     if shape is not None:  # otherwise PreparedRun.check_data, once the data is loaded
         check_sources_fit(stages, shape, resolver, dataset.name)
+    pipeline = run_pipeline(stages, dataset, recipe.file)
     notes = shadowed_overrides(recipe, stages, max_epochs)
     for note in notes:
         logging.getLogger("pyramidkd").warning(note)
-    return PreparedRun(recipe, host, stages, dataset, loggers, resolver, notes)
+    return PreparedRun(recipe, host, stages, dataset, loggers, resolver, notes, pipeline)
 
 
 def dataset_context(recipe: Recipe) -> DatasetContext:
@@ -121,6 +124,7 @@ class Run:
     resume_stage: str | None = None  # the stage continued from its `last` checkpoint
     resume_history: list[EpochRecord] = attrs.field(factory=list)  # its epoch records so far
     fingerprints: dict[str, str] = attrs.field(factory=dict)  # stage id -> fingerprint of its plan
+    data_path: str = "dataloader"  # the batches' path: "tensor" or "dataloader" (engine/datapath.py)
 
     def reference_for(self, stage: StagePlan) -> float | None:
         """The published accuracy for a stage: by its id, or by its entry's id when
@@ -188,35 +192,54 @@ def run_recipe(
 @contextlib.contextmanager
 def _torch_settings(recipe: Recipe, device: torch.device):
     """The run's threads and determinism, restored afterwards: a run inside a
-    longer process (a notebook, a test session) leaves its settings as they were."""
+    longer process (a notebook, a test session) leaves its settings as they were.
+
+    ``deterministic = true``: deterministic algorithms (warn-only where none
+    exists), cuDNN autotuning off — the same seed gives the same run and a resume
+    is exact. ``false``: no deterministic algorithms, cuDNN autotuning on, TF32
+    matmuls and convolutions allowed — faster on GPUs, not bit-reproducible.
+    """
     threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
     if recipe.experiment.threads:
         torch.set_num_threads(recipe.experiment.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if recipe.experiment.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = benchmark
+        torch.set_float32_matmul_precision(tf32[2])  # before allow_tf32: it sets that flag too
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32[0], tf32[1]
 
 
 def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, *, quiet: bool,
                 recompute: bool, stop: StopFlag) -> dict:
-    data = prepared.dataset.instantiate().load(dataset_context(prepared.recipe))
+    data, choice, note = load_run_data(prepared.dataset, dataset_context(prepared.recipe), prepared.pipeline, device, world)
     prepared.check_data(data)
+    if world.is_main:
+        log.info(note)
     with _torch_settings(prepared.recipe, device):
-        return _run_stages(prepared, directory, device, world, data, quiet=quiet, recompute=recompute, stop=stop)
+        return _run_stages(prepared, directory, device, world, data, quiet=quiet, recompute=recompute, stop=stop,
+                           data_path=choice.path)
 
 
 def _run_stages(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, data: DataSplits, *,
-                quiet: bool, recompute: bool, stop: StopFlag) -> dict:
+                quiet: bool, recompute: bool, stop: StopFlag, data_path: str) -> dict:
     recipe, host = prepared.recipe, prepared.host
-    run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed, world=world)
+    run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed, world=world, data_path=data_path)
     run.fingerprints = Fingerprints(prepared.stages, prepared.dataset, run.seed).by_stage
     reuse = decide_reuse(directory, prepared.stages, run.fingerprints, recompute=recompute)
     run.completed = set(reuse.reused)

@@ -21,6 +21,9 @@ class ExperimentSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plugins: list[str] = attrs.field(factory=list, metadata={"help": "local plugin modules to load"})
     threads: int = attrs.field(default=0, validator=non_negative, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    deterministic: bool = attrs.field(default=True, metadata={
+        "help": "true: deterministic algorithms, no cuDNN autotuning (same seed, same run; exact resume); "
+                "false: cuDNN autotuning and TF32 matmuls, faster on GPUs but not bit-reproducible"})
     description: str = ""
 
 
@@ -51,6 +54,10 @@ class TrainSection:
     batch_size: int = attrs.field(default=64, validator=positive, metadata={"help": "e.g. 64"})
     eval_batch_size: int = attrs.field(default=256, validator=positive)
     num_workers: int = attrs.field(default=0, validator=non_negative)
+    pipeline: Literal["auto", "tensor", "dataloader"] = attrs.field(default="auto", metadata={
+        "help": "how batches are made: tensor (the data set held as tensors, batches augmented with tensor ops on the "
+                "training device), dataloader (per-sample transforms in a DataLoader), auto (tensor when the data set "
+                "offers it and it takes at most 25 % of the free RAM); one choice for every stage of a run"})
     grad_clip: float = attrs.field(default=0.0, validator=non_negative, metadata={"help": "max gradient norm; 0 = off"})
     on_nan: Literal["stop", "skip-batch"] = attrs.field(default="stop", metadata={"help": "what a non-finite loss does"})
     precision: Literal["fp32", "bf16", "fp16"] = attrs.field(default="fp32", metadata={"help": "autocast precision (fp16 uses a GradScaler)"})

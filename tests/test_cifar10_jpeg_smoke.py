@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import RECIPES, ROOT
-from pyramidkd.engine import DatasetContext
+from pyramidkd.engine import Augmentation, DatasetContext
 from pyramidkd.plugins.datasets.imagefolder import ImageFolder, ImageFolderParams
 
 ARCHIVE_ENV = "PYRAMIDKD_CIFAR10_JPEG"
@@ -60,3 +61,39 @@ def test_smoke_recipe_end_to_end(cli, tmp_path, jpeg_cache, monkeypatch):
     assert summary["dataset"] == {"name": "imagefolder", "num_classes": 10, "input_shape": [3, 32, 32], "train": 270, "val": 30, "test": 200}
     assert [s["stage"] for s in summary["stages"]] == ["teacher", "student-kd"]
     assert all(0.0 <= s["test_acc"] <= 1.0 for s in summary["stages"])
+
+
+def assert_same_samples(expected, actual) -> None:
+    assert len(actual) == len(expected)
+    for index in range(len(expected)):
+        (image, label), (tensor_image, tensor_label) = expected[index], actual[index]
+        assert tensor_label == label
+        torch.testing.assert_close(tensor_image, image, atol=1e-6, rtol=0)
+
+
+def check_tensor_path(context, **params) -> None:
+    """load_tensors (decoded once into the cache) gives load's images: validation and test
+    as they are, training with load's augmentation off; a second load reads the cache."""
+    tensors = ImageFolder(ImageFolderParams(archive=str(ARCHIVE), **params)).load_tensors(context)
+    loaded = ImageFolder(ImageFolderParams(archive=str(ARCHIVE), **params)).load(context)
+    plain = ImageFolder(ImageFolderParams(archive=str(ARCHIVE), **{**params, "crop_padding": 0, "flip": False})).load(context)
+    assert tensors.class_names == CLASSES and tensors.input_shape == (3, 32, 32)
+    assert tensors.augmentation == Augmentation(crop_padding=4, flip=True)
+    assert_same_samples(loaded.val, tensors.val)
+    assert_same_samples(loaded.test, tensors.test)
+    assert_same_samples(plain.train, tensors.train)
+    again = ImageFolder(ImageFolderParams(archive=str(ARCHIVE), **params)).load_tensors(context)
+    assert torch.equal(again.train.images, tensors.train.images) and torch.equal(again.test.labels, tensors.test.labels)
+
+
+SMOKE_SELECTION = {"image_size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616], "val_fraction": 0.1}
+
+
+def test_tensor_path_matches_the_per_sample_path(jpeg_cache):
+    check_tensor_path(DatasetContext(seed=0, recipe_dir=str(ROOT), cache_dir=jpeg_cache), **SMOKE_SELECTION, limit=300, test_limit=200)
+
+
+@pytest.mark.slow
+def test_tensor_path_on_the_pyramid_recipe_selection(jpeg_cache):
+    """recipes/cifar10-jpeg/pyramid-forward-cpu.toml's 20,000 images, every one compared."""
+    check_tensor_path(DatasetContext(seed=0, recipe_dir=str(ROOT), cache_dir=jpeg_cache), **SMOKE_SELECTION, limit=10000)

@@ -46,11 +46,42 @@ def epoch_records(run_dir):
     return [json.loads(line) for line in lines]
 
 
+# The same two stages on real digits with random crops and flips (test_tensor_pipeline's
+# `digits-u8` plugin) on the tensor path: each global batch's augmentation is drawn
+# from the stage's generator, so the ranks' shares are those of the single run.
+AUGMENTED_RECIPE = DDP_RECIPE.replace('name = "ddp"', 'name = "ddp"\nplugins = ["tensor_helpers"]').replace(
+    """name = "synthetic"
+num_classes = 4
+image_size = 8
+train_size = 200
+val_size = 40
+test_size = 40""", """name = "digits-u8"
+image_size = 12""").replace("epochs = 2", 'epochs = 1\npipeline = "tensor"')
+
+
 def test_two_process_gloo_run_matches_single_process(tmp_path, cli):
     recipe = tmp_path / "ddp.toml"
     recipe.write_text(DDP_RECIPE)
+    two_process_run_matches_single_process(recipe, tmp_path, cli, "data: tensor pipeline (synthetic offers decoded tensors")
+
+
+def test_two_process_gloo_run_matches_single_process_with_augmented_tensors(tmp_path, cli):
+    from test_tensor_pipeline import HELPERS
+
+    (tmp_path / "tensor_helpers.py").write_text(HELPERS)
+    recipe = tmp_path / "augmented.toml"
+    recipe.write_text(AUGMENTED_RECIPE)
+    try:
+        two_process_run_matches_single_process(recipe, tmp_path, cli, 'data: tensor pipeline (pipeline = "tensor"; digits-u8')
+    finally:
+        sys.modules.pop("tensor_helpers", None)
+
+
+def two_process_run_matches_single_process(recipe, tmp_path, cli, data_line: str):
     single = tmp_path / "single"
-    assert cli("run", recipe, "--quiet", "--output", single).code == 0
+    result = cli("run", recipe, "--quiet", "--output", single)
+    assert result.code == 0, result.err
+    assert data_line in result.err
 
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -102,3 +133,27 @@ def test_compile_switch(tmp_path, cli):
     result = cli("run", recipe, "--quiet", "--output", tmp_path / "out", "--set", "train.epochs=1", "--set", "train.compile=true",
                  "--set", "dataset.train_size=64")
     assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_switch_sets_torch_for_the_run_and_restores_it(deterministic, tmp_path):
+    import torch
+
+    from pyramidkd import testing
+
+    seen = {}
+
+    def capture(run, stage):
+        seen[stage.id] = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                          torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                          torch.get_float32_matmul_precision())
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    plugin = testing.plugin_module("capture", pyramidkd_stage_start=capture)
+    testing.run_tiny(overrides=[f"experiment.deterministic={str(deterministic).lower()}"], extra_plugins=[plugin])
+    expected = (True, before[1], before[2], before[3], before[4]) if deterministic else (False, True, True, True, "high")
+    assert seen["teacher"] == seen["student"] == expected
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    assert after == before

@@ -9,7 +9,7 @@ resumed stage continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import itertools
+import logging
 import os
 import time
 
@@ -27,6 +27,9 @@ from .optim import step_scheduler
 from .rng import restore_rng_states, rng_states
 from .state import Progress, StageState, build_stage_state, last_checkpoint, restore_state
 from .stops import SavedPosition, StopFlag, TrainingError
+
+
+log = logging.getLogger("pyramidkd")
 
 
 class StageRunner:
@@ -65,9 +68,19 @@ class StageRunner:
             path = self.checkpoint_path("last")
             progress = restore_state(self.state, resume_checkpoint, path, self.checkpoint_path("best"))
             elapsed_before = resume_checkpoint.get("elapsed_s", 0.0)
+            self.warn_on_another_data_path(resume_checkpoint.get("data_path"))
             self.stop.record_save(SavedPosition(path, progress.epoch, progress.step))
         self.started = started - elapsed_before  # a stage's time includes the time before an interruption
         return progress
+
+    def warn_on_another_data_path(self, saved_path: str | None) -> None:
+        """``pipeline = "auto"`` decides per run: say so when it chose differently this time."""
+        current = getattr(self.run, "data_path", None)
+        if saved_path is None or current is None or saved_path == current or not self.run.world.is_main:
+            return
+        log.warning(f"stage {self.stage.id!r} was interrupted on the {saved_path} data path and continues on the {current} path "
+                    f"(pipeline = \"auto\" chose differently this time, see engine/datapath.py): its result will not be "
+                    "bit-identical to an uninterrupted run's")
 
     def close(self) -> None:
         if self.state is not None:
@@ -77,7 +90,11 @@ class StageRunner:
         return self.run.directory.checkpoint(self.stage.id, which)
 
     def loader(self, dataset, *, train: bool, generator: torch.Generator | None = None):
-        return make_loader(dataset, self.stage.train, self.run.world, self.device, train=train, generator=generator)
+        """Training batches (:class:`~.loaders.TensorBatches` or :class:`~.loaders.LoaderBatches`)
+        or evaluation batches of ``dataset``, on the run's data path."""
+        augmentation = getattr(self.run.data, "augmentation", None) if train else None
+        return make_loader(dataset, self.stage.train, self.run.world, self.device, train=train, generator=generator,
+                           augmentation=augmentation)
 
     # -- epochs ----------------------------------------------------------------
     def train(self, progress: Progress) -> None:
@@ -154,15 +171,17 @@ class StageRunner:
         return loss_sum / max(seen, 1), correct / max(seen, 1)
 
     def epoch_batches(self, epoch: int, loader, progress: Progress):
-        """The epoch's batches; resumed mid-epoch, the same shuffle minus the batches done."""
+        """The epoch's batches; resumed mid-epoch, the same shuffle (and augmentation)
+        minus the batches done: the generator goes back to the epoch's start, the
+        loader draws the epoch again and skips what was done."""
         generator = self.state.generator
-        loader.batch_sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         if progress.step == 0:
             progress.epoch_loader_state = generator.get_state()
-            return iter(loader)
+            return loader.epoch()
         saved_rng = rng_states(generator)
         generator.set_state(progress.epoch_loader_state)
-        batches = itertools.islice(iter(loader), progress.step, None)
+        batches = loader.epoch(skip=progress.step)
         restore_rng_states(saved_rng, None)  # global RNGs as they were when interrupted
         return batches
 

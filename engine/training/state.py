@@ -217,6 +217,7 @@ def last_checkpoint(run, stage: StagePlan, state: StageState, progress: Progress
             "level": stage.info.get("level"),
             "recipe_stage": stage.entry_id,
             "fingerprint": fingerprint,
+            "data_path": getattr(run, "data_path", None),  # resuming on the other path is not exact
         }
     )
     return checkpoint

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyramidkd.engine import DataShape, DataSplits, Dataset, hookimpl, non_negative, open_unit, positive
+from pyramidkd.engine import DataShape, DataSplits, Dataset, TensorSplit, hookimpl, non_negative, open_unit, positive
+
+IMAGES = 1797  # in scikit-learn's copy
 
 
 def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
@@ -64,7 +66,8 @@ class Digits(Dataset):
     def data_shape(self, context):
         return DataShape((3, self.params.image_size, self.params.image_size), 10)
 
-    def load(self, context):
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+        """(all images [N, 3, S, S] float, standardised; labels [N]; [train, val, test] indices)."""
         from sklearn.datasets import load_digits
 
         p = self.params
@@ -78,13 +81,26 @@ class Digits(Dataset):
         tensor = F.interpolate(tensor, size=(p.image_size, p.image_size), mode="bilinear", align_corners=False)
         tensor = (tensor - tensor.mean()) / tensor.std()
         tensor = tensor.repeat(1, 3, 1, 1).contiguous()
-        targets = torch.from_numpy(labels)
-        train, val, test = stratified_split(labels, [p.val_fraction, p.test_fraction], p.split_seed)
+        return tensor, torch.from_numpy(labels), stratified_split(labels, [p.val_fraction, p.test_fraction], p.split_seed)
+
+    def load(self, context):
+        tensor, targets, parts = self.tensors()
 
         def subset(indices):
             return torch.utils.data.TensorDataset(tensor[indices], targets[indices])
 
-        return DataSplits(subset(train), subset(val), subset(test), 10, (3, p.image_size, p.image_size), [str(i) for i in range(10)])
+        size = self.params.image_size
+        return DataSplits(*(subset(part) for part in parts), 10, (3, size, size), [str(i) for i in range(10)])
+
+    def load_tensors(self, context):
+        """The same float images as ``load`` (already standardised; no augmentation)."""
+        tensor, targets, parts = self.tensors()
+        size = self.params.image_size
+        return DataSplits(*(TensorSplit(tensor[part], targets[part]) for part in parts), 10, (3, size, size), [str(i) for i in range(10)])
+
+    def tensor_bytes(self, context):
+        count = min(self.params.limit, IMAGES) if self.params.limit else IMAGES
+        return count * (3 * self.params.image_size**2 * 4 + 8)
 
 
 @hookimpl

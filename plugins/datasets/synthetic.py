@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from pyramidkd.engine import DataShape, DataSplits, Dataset, hookimpl, non_negative, positive
+from pyramidkd.engine import DataShape, DataSplits, Dataset, TensorSplit, hookimpl, non_negative, positive
 
 
 @attrs.define
@@ -30,7 +30,8 @@ class Synthetic(Dataset):
         p = self.params
         return DataShape((p.channels, p.image_size, p.image_size), p.num_classes)
 
-    def load(self, context):
+    def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of train, validation and test, float, from the seed."""
         p = self.params
         generator = torch.Generator().manual_seed(p.seed)
         shape = (p.channels, p.image_size, p.image_size)
@@ -39,10 +40,24 @@ class Synthetic(Dataset):
         def split(size):
             labels = torch.randint(0, p.num_classes, (size,), generator=generator)
             images = torch.randn((size, *shape), generator=generator) + p.signal * prototypes[labels]
-            return torch.utils.data.TensorDataset(images, labels)
+            return images, labels
 
-        return DataSplits(split(p.train_size), split(p.val_size), split(p.test_size), p.num_classes, shape,
-                          [f"class{i}" for i in range(p.num_classes)])
+        return [split(p.train_size), split(p.val_size), split(p.test_size)]
+
+    def splits(self, parts) -> DataSplits:
+        p = self.params
+        return DataSplits(*parts, p.num_classes, (p.channels, p.image_size, p.image_size), [f"class{i}" for i in range(p.num_classes)])
+
+    def load(self, context):
+        return self.splits(torch.utils.data.TensorDataset(images, labels) for images, labels in self.tensors())
+
+    def load_tensors(self, context):
+        """The same float images as ``load`` (no augmentation)."""
+        return self.splits(TensorSplit(images, labels) for images, labels in self.tensors())
+
+    def tensor_bytes(self, context):
+        p = self.params
+        return (p.train_size + p.val_size + p.test_size) * (p.channels * p.image_size**2 * 4 + 8)
 
 
 @hookimpl

@@ -24,6 +24,12 @@ Splits: a validation split is carved from the official training set (stratified,
 Augmentation (random crop with ``crop_padding``, horizontal ``flip``) applies to the
 training split only; validation and test images go through resize → tensor →
 normalise. Both views share one in-memory copy of the pixels (:class:`SubsetView`).
+
+The tensor path (``load_tensors``) gives the same splits as uint8 tensors, the
+augmentation left to the batch: at the native size straight from the readers'
+arrays (no PIL); at another ``image_size`` every image goes through ``load``'s PIL
+resize + centre crop once, kept in the decoded-image cache (``<cache>/decoded/``,
+keyed by the data files, the size and the selection).
 """
 
 from __future__ import annotations
@@ -31,17 +37,29 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Callable, Sequence
 
 import attrs
 import numpy as np
 import torch
-from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100, STL10
 from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
-from pyramidkd.engine import DataShape, DataSplits, Dataset, DatasetError, FieldValueError, between, hookimpl, non_negative, open_unit, positive
-from pyramidkd.plugins.datasets.digits import limit_per_class, stratified_split
+from pyramidkd.engine import DataShape, DataSplits, Dataset, DatasetError, between, cached_tensors, decode_images, hookimpl
+from pyramidkd.plugins.datasets.images import (  # noqa: F401  (some re-exported: they lived here before images.py)
+    IMAGENET_STATS,
+    ImageParams,
+    SubsetView,
+    auto_padding,
+    build_transforms,
+    check_labels,
+    decoder_versions,
+    estimated_bytes,
+    make_splits,
+    pil_decoder,
+    pool_tensor_splits,
+    selection_digest,
+    split_indices,
+)
 
 log = logging.getLogger("pyramidkd")
 
@@ -49,42 +67,6 @@ log = logging.getLogger("pyramidkd")
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 STL10_STATS = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-# --- parameters shared by every image dataset ------------------------------
-
-
-def _channel_stats(instance, attribute, value):
-    if value is None:
-        return
-    if len(value) != 3:
-        raise FieldValueError(f"needs 3 values (R, G, B), got {len(value)}", f"e.g. {attribute.name} = [0.5, 0.5, 0.5]")
-    if attribute.name == "std" and not all(v > 0 for v in value):
-        raise FieldValueError(f"must be positive, got {list(value)}", "use the per-channel standard deviations, e.g. [0.25, 0.25, 0.25]")
-
-
-def _both_or_neither(params) -> None:
-    if (params.mean is None) != (params.std is None):
-        raise FieldValueError("mean and std go together", "set both mean and std (3 values each), or neither for the defaults")
-
-
-@attrs.define
-class ImageParams:
-    """Options every image dataset takes: size, augmentation, normalisation, splits."""
-
-    image_size: int | None = attrs.field(default=None, validator=positive, metadata={"help": "images are resized to this square size; default: the native size"})
-    crop_padding: int | None = attrs.field(default=None, validator=non_negative, metadata={"help": "random crop after zero-padding by this many pixels (train only); 0 = off; default image_size // 8"})
-    flip: bool = attrs.field(default=True, metadata={"help": "random horizontal flips (train only)"})
-    mean: list[float] | None = attrs.field(default=None, validator=_channel_stats, metadata={"help": "normalisation means, R G B; default: the dataset's published ones"})
-    std: list[float] | None = attrs.field(default=None, validator=_channel_stats, metadata={"help": "normalisation standard deviations, R G B"})
-    val_fraction: float = attrs.field(default=0.1, validator=open_unit, metadata={"help": "fraction of the training set held out for validation (stratified)"})
-    split_seed: int = attrs.field(default=0, metadata={"help": "seed of the validation split and of limit/test_limit"})
-    limit: int = attrs.field(default=0, validator=non_negative, metadata={"help": "use at most this many training images (class-balanced, before the validation split); 0 = all"})
-    test_limit: int = attrs.field(default=0, validator=non_negative, metadata={"help": "use at most this many test images (class-balanced); 0 = all"})
-
-    def __attrs_post_init__(self):
-        _both_or_neither(self)
 
 
 @attrs.define
@@ -97,93 +79,6 @@ class TorchvisionParams(ImageParams):
 @attrs.define
 class STL10Params(TorchvisionParams):
     fold: int | None = attrs.field(default=None, validator=between(0, 9), metadata={"help": "train on one of the 10 standard 1,000-image folds (0-9); default all 5,000"})
-
-
-# --- transforms and the per-subset view ------------------------------------
-
-
-def auto_padding(image_size: int, crop_padding: int | None) -> int:
-    return max(1, image_size // 8) if crop_padding is None else crop_padding
-
-
-def build_transforms(image_size: int, native_size: int | None, params: ImageParams, mean: Sequence[float], std: Sequence[float]) -> tuple[Callable, Callable]:
-    """(train transform, evaluation transform) for PIL images.
-
-    ``native_size`` is the images' size when they all have one (CIFAR, STL); with
-    ``None`` every image goes through a resize of its short side + centre crop
-    (free when it already has the size)."""
-    geometry: list = []
-    if native_size != image_size:
-        geometry = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
-    tail = [T.ToTensor(), T.Normalize(list(mean), list(std))]
-    augment: list = []
-    padding = auto_padding(image_size, params.crop_padding)
-    if padding:
-        augment.append(T.RandomCrop(image_size, padding=padding))
-    if params.flip:
-        augment.append(T.RandomHorizontalFlip())
-    return T.Compose(geometry + augment + tail), T.Compose(geometry + tail)
-
-
-class SubsetView(torch.utils.data.Dataset):
-    """``indices`` of ``base`` (which yields ``(PIL image, label)``) through ``transform``.
-
-    The training and validation splits are two views of one base dataset, so only
-    the training view is augmented and the pixels are held once."""
-
-    def __init__(self, base, indices: np.ndarray, transform: Callable, labels: np.ndarray):
-        self.base = base
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.transform = transform
-        self.targets = np.asarray(labels, dtype=np.int64)[self.indices]  # this view's labels
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        image, label = self.base[int(self.indices[index])]
-        return self.transform(image), int(label)
-
-
-def split_indices(labels: np.ndarray, test_labels: np.ndarray, params: ImageParams, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val, test) indices: ``limit`` then the stratified validation split of the
-    training set; ``test_limit`` of the test set."""
-    pool = limit_per_class(labels, params.limit, params.split_seed) if params.limit else np.arange(len(labels))
-    rest, val = stratified_split(labels[pool], [params.val_fraction], params.split_seed)
-    train, val = pool[rest], pool[val]
-    test = limit_per_class(test_labels, params.test_limit, params.split_seed) if params.test_limit else np.arange(len(test_labels))
-    for name, part in (("training", train), ("validation", val), ("test", test)):
-        if len(part) == 0:
-            raise DatasetError(
-                f"{source}: the {name} split is empty (train set {len(labels)} images, limit {params.limit}, val_fraction {params.val_fraction})",
-                key="dataset",
-                fix="raise limit / test_limit (at least a few images per class) or val_fraction",
-            )
-    return train, val, test
-
-
-def make_splits(base_train, train_labels, base_test, test_labels, *, params: ImageParams, image_size: int, native_size: int | None,
-                mean, std, class_names: list[str], source: str) -> DataSplits:
-    train_labels = np.asarray(train_labels, dtype=np.int64)
-    test_labels = np.asarray(test_labels, dtype=np.int64)
-    train, val, test = split_indices(train_labels, test_labels, params, source)
-    train_tf, eval_tf = build_transforms(image_size, native_size, params, mean, std)
-    return DataSplits(
-        train=SubsetView(base_train, train, train_tf, train_labels),
-        val=SubsetView(base_train, val, eval_tf, train_labels),
-        test=SubsetView(base_test, test, eval_tf, test_labels),
-        num_classes=len(class_names),
-        input_shape=(3, image_size, image_size),
-        class_names=list(class_names),
-    )
-
-
-def check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DatasetError(
-            f"labels out of range in {path}: found {int(labels.min())}..{int(labels.max())}, expected 0..{num_classes - 1}",
-            fix="the file is corrupt or in another format; re-download it",
-        )
 
 
 # --- torchvision's readers, integrity checked by the plugin ------------------
@@ -319,7 +214,8 @@ class TorchvisionDataset(Dataset):
         """The first file of ``split`` that cannot be read (called after a failure)."""
         return None
 
-    def load(self, context) -> DataSplits:
+    def read_sets(self, context) -> tuple:
+        """(train reader, test reader, train labels, test labels, class names), checked."""
         self.ensure_files(context)
         train = self.read_checked(context, "train")
         test = self.read_checked(context, "test")
@@ -327,11 +223,60 @@ class TorchvisionDataset(Dataset):
         train_labels, test_labels = self.labels(train), self.labels(test)
         check_labels(train_labels, len(classes), self.label_file(context, "train"))
         check_labels(test_labels, len(classes), self.label_file(context, "test"))
+        return train, test, train_labels, test_labels, classes
+
+    def load(self, context) -> DataSplits:
+        train, test, train_labels, test_labels, classes = self.read_sets(context)
         p = self.params
         image_size = p.image_size or self.native_size
         mean, std = (p.mean, p.std) if p.mean is not None else self.stats
         return make_splits(train, train_labels, test, test_labels, params=p, image_size=image_size, native_size=self.native_size,
                            mean=mean, std=std, class_names=classes, source=self.title)
+
+    # -- the tensor path -----------------------------------------------------
+    def load_tensors(self, context) -> DataSplits:
+        train, test, train_labels, test_labels, classes = self.read_sets(context)
+        p = self.params
+        image_size = p.image_size or self.native_size
+        mean, std = (p.mean, p.std) if p.mean is not None else self.stats
+        train_indices, val_indices, test_indices = split_indices(train_labels, test_labels, p, self.title)
+        pool = np.union1d(train_indices, val_indices)  # sorted: decoded once, split after
+        if image_size == self.native_size:  # the readers hold the pixels already: no PIL, no cache
+            pool_images, test_images = self.pixels(train, pool), self.pixels(test, test_indices)
+        else:
+            pool_images, test_images = self.resized(context, (train, pool), (test, test_indices), image_size)
+        return pool_tensor_splits(pool_images, pool, train_indices, val_indices, train_labels, test_images, test_indices, test_labels,
+                                  params=p, image_size=image_size, mean=mean, std=std, class_names=classes)
+
+    def pixels(self, base, indices: np.ndarray) -> torch.Tensor:
+        """uint8 [N, 3, H, W] straight from the reader's array (CIFAR holds [N, H, W, 3])."""
+        return torch.from_numpy(np.ascontiguousarray(base.data[indices].transpose(0, 3, 1, 2)))
+
+    def resized(self, context, train: tuple, test: tuple, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected images through ``load``'s PIL resize + centre crop, decoded once
+        into the decoded-image cache (keyed by the files, the size and the selection)."""
+        shape = (3, image_size, image_size)
+
+        def decode() -> dict:
+            return {part: decode_images(indices, pil_decoder(image_size, self.native_size, lambda i, base=base: base[int(i)][0]), shape)
+                    for part, (base, indices) in (("pool", train), ("test", test))}
+
+        folder = self.folder(context)
+        key = {"dataset": self.name, "folder": os.path.realpath(folder), "image_size": image_size, "fold": getattr(self.params, "fold", None),
+               "selection": selection_digest(train[1], test[1]), **decoder_versions()}
+        sources = [os.path.join(folder, name) for name in self.required_files()]
+        tensors = cached_tensors(context.cache_dir, f"{self.name}-{image_size}px", key, sources, decode)
+        return tensors["pool"], tensors["test"]
+
+    def tensor_bytes(self, context) -> int | None:
+        if self.missing_files(context):
+            return None
+        train_count, test_count = self.image_counts(self.folder(context))
+        return estimated_bytes(train_count, test_count, self.params, self.params.image_size or self.native_size)
+
+    def image_counts(self, folder: str) -> tuple[int, int]:
+        """(training images, test images), estimated from the file sizes."""
+        raise NotImplementedError
 
     def class_names(self, base) -> list[str]:
         return list(base.classes)
@@ -349,6 +294,11 @@ class _CIFAR(TorchvisionDataset):
 
     def read(self, context, split):
         return self.checked_reader(self.root(context), train=split == "train", download=False)
+
+    def image_counts(self, folder):
+        image = 3 * 32 * 32  # a pickled row is these bytes plus a few for its label and file name
+        return tuple(sum(os.path.getsize(os.path.join(folder, n)) for n, _ in files) // image
+                     for files in (self.reader.train_list, self.reader.test_list))
 
     def diagnose(self, context, split):
         names = [n for n, _ in (self.reader.train_list if split == "train" else self.reader.test_list)] + [self.reader.meta["filename"]]
@@ -422,6 +372,13 @@ class Stl10(TorchvisionDataset):
                 fix="the files are corrupt or truncated; delete them and download again (download = true)",
             )
         return base
+
+    def pixels(self, base, indices):
+        return torch.from_numpy(np.ascontiguousarray(base.data[indices]))  # STL10's reader holds [N, 3, H, W]
+
+    def image_counts(self, folder):
+        train, test = (os.path.getsize(os.path.join(folder, f"{split}_X.bin")) // (3 * 96 * 96) for split in ("train", "test"))
+        return (train // 5 if self.params.fold is not None else train), test  # a fold: 1,000 of the 5,000
 
     def diagnose(self, context, split):
         image_bytes = 3 * 96 * 96

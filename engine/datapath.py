@@ -1,0 +1,178 @@
+"""Which data path a run takes (``[train] pipeline``), and loading its data once.
+
+* ``"dataloader"``: ``Dataset.load`` — per-sample datasets and transforms in a ``DataLoader``.
+* ``"tensor"``: ``Dataset.load_tensors`` — the data set held as tensors, batches
+  gathered and augmented with tensor ops (:mod:`pyramidkd.engine.tensordata`); an
+  error for a data set that does not offer it.
+* ``"auto"`` (the default): the tensor path when the data set offers it and its
+  tensors (``Dataset.tensor_bytes``, or measured after decoding when that says
+  ``None``) take at most :data:`RAM_SHARE` of the available RAM (``MemAvailable`` of
+  ``/proc/meminfo``, capped by a cgroup memory limit; ``os.sysconf`` elsewhere);
+  else the ``DataLoader`` path.
+
+On CUDA the tensors go to the GPU when they take at most :data:`GPU_SHARE` of its
+free memory (``torch.cuda.mem_get_info``), else they stay on the CPU and each batch
+is copied over. The data set is loaded once per run, so every stage of a run must
+use the same ``pipeline``; under torchrun rank 0 decides for all ranks.
+
+The two paths draw different random numbers (the tensor path draws each epoch's crop
+offsets and flips from the stage's generator), so ``pipeline`` is part of a stage's
+fingerprint. ``auto`` is decided anew by every run: a resumed stage whose ``last``
+checkpoint was written on the other path continues on this run's path, with a warning
+(its result is then not bit-identical to an uninterrupted run's).
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+import torch
+
+from .components import ComponentSpec, DatasetContext, DataSplits, StagePlan
+from .distributed import World, broadcast_object
+from .errors import DatasetError, RecipeError
+from .tensordata import TensorSplit
+
+RAM_SHARE = 0.25  # auto: the tensors may take this share of the available RAM
+GPU_SHARE = 0.5  # CUDA: tensors this share of the free GPU memory or less live on the GPU
+
+DOCS_HINT = 'docs/plugins.md, "Offering tensors (the fast data path)"'
+
+
+@attrs.frozen
+class DataChoice:
+    """The run's data path and why it was chosen (for the one-line note)."""
+
+    tensor: bool
+    reason: str
+
+    @property
+    def path(self) -> str:
+        return "tensor" if self.tensor else "dataloader"
+
+
+def run_pipeline(stages: list[StagePlan], dataset: ComponentSpec, recipe_file: str) -> str:
+    """The ``pipeline`` every stage uses (they must agree); refuse ``"tensor"`` for a
+    data set that does not offer tensors."""
+    first = stages[0]
+    for stage in stages[1:]:
+        if stage.train.pipeline != first.train.pipeline:
+            raise RecipeError(
+                f'stage {stage.id!r} uses pipeline = "{stage.train.pipeline}" but stage {first.id!r} uses "{first.train.pipeline}"; '
+                "the data set is loaded once per run, so every stage must use the same data path",
+                file=recipe_file, key=f"stages.{stage.entry_id or stage.id}.train.pipeline",
+                fix="set pipeline once, in [train], and not per stage")
+    pipeline = first.train.pipeline
+    if pipeline == "tensor" and not dataset.cls.offers_tensors():
+        raise RecipeError(
+            f'pipeline = "tensor", but dataset {dataset.name!r} does not offer tensors (it has no load_tensors)',
+            file=recipe_file, key="train.pipeline",
+            fix=f'use pipeline = "auto" or "dataloader", or give the dataset a load_tensors method ({DOCS_HINT})')
+    return pipeline
+
+
+def load_run_data(dataset: ComponentSpec, context: DatasetContext, pipeline: str, device: torch.device,
+                  world: World) -> tuple[DataSplits, DataChoice, str]:
+    """Load the run's data on the chosen path; return it, the choice and the note to print."""
+    component = dataset.instantiate()
+    choice, data = None, None
+    if world.is_main:
+        choice, data = choose(component, dataset.name, pipeline, context)
+    choice = broadcast_object(world, choice)
+    if data is None:
+        data = component.load_tensors(context) if choice.tensor else component.load(context)
+    if not choice.tensor:
+        return data, choice, f"data: DataLoader pipeline ({choice.reason})"
+    check_tensor_splits(data, dataset.name)
+    data, where = place(data, device)
+    return data, choice, f"data: tensor pipeline ({choice.reason}; {where})"
+
+
+def choose(component, name: str, pipeline: str, context: DatasetContext) -> tuple[DataChoice, DataSplits | None]:
+    """The path, and the tensors when deciding needed them decoded (else ``None``)."""
+    if pipeline == "dataloader":
+        return DataChoice(False, 'pipeline = "dataloader"'), None
+    if not component.offers_tensors():
+        return DataChoice(False, f"{name} does not offer tensors"), None
+    if pipeline == "tensor":
+        return DataChoice(True, f'pipeline = "tensor"; {name} offers decoded tensors'), None
+    free = available_ram()
+    estimate, data = component.tensor_bytes(context), None
+    if estimate is None:  # only decoding tells
+        data = component.load_tensors(context)
+        check_tensor_splits(data, name)
+        estimate = splits_bytes(data)
+    if free is None:
+        return DataChoice(True, f"{name} offers decoded tensors, {format_bytes(estimate)}; free RAM unknown"), data
+    share = f"{RAM_SHARE:.0%}".replace("%", " %")
+    if estimate <= RAM_SHARE * free:
+        return DataChoice(True, f"{name} offers decoded tensors, {format_bytes(estimate)} ≤ {share} of {format_bytes(free)} free RAM"), data
+    return DataChoice(False, f"{name}'s tensors, {format_bytes(estimate)}, would take more than {share} of "
+                             f"{format_bytes(free)} free RAM"), None
+
+
+def check_tensor_splits(data: DataSplits, name: str) -> None:
+    for split in ("train", "val", "test"):
+        value = getattr(data, split)
+        if not isinstance(value, TensorSplit):
+            raise DatasetError(f"dataset {name!r}: load_tensors returned a {type(value).__name__} as its {split} split, "
+                               "not a TensorSplit", fix=f"return TensorSplit objects from load_tensors ({DOCS_HINT})")
+
+
+def splits_bytes(data: DataSplits) -> int:
+    return sum(split.nbytes for split in (data.train, data.val, data.test))
+
+
+def place(data: DataSplits, device: torch.device) -> tuple[DataSplits, str]:
+    """Tensors onto the GPU when they fit its share of free memory; where they went."""
+    if device.type != "cuda":
+        return data, f"on {device.type}"
+    need = splits_bytes(data)
+    free, _ = torch.cuda.mem_get_info(device)
+    share = f"{GPU_SHARE:.0%}".replace("%", " %")
+    if need <= GPU_SHARE * free:
+        moved = attrs.evolve(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
+        return moved, f"on {device} ({format_bytes(need)} ≤ {share} of {format_bytes(free)} free GPU memory)"
+    return data, f"held on cpu ({format_bytes(need)} > {share} of {format_bytes(free)} free GPU memory), each batch copied to {device}"
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM a new allocation can get: ``MemAvailable``, capped by a cgroup
+    (v2) memory limit; ``os.sysconf`` where there is no ``/proc/meminfo``."""
+    free = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    limit = _cgroup_room()
+    return min(free, limit) if limit is not None else free
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as handle:
+            limit = handle.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as handle:
+            return max(0, int(limit) - int(handle.read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
