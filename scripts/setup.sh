@@ -78,9 +78,9 @@ step "installing the build tools (setuptools, wheel, ninja, pybind11)"
 finish_step
 
 if cuda_build_expected; then
-    kernels="C++ and CUDA kernels (≈ 10 min on 2 cores; FORCE_CUDA=0 skips CUDA)"
+    kernels="C++ and CUDA kernels (≈ 2 min on 2 idle cores, more under load; FORCE_CUDA=0 skips CUDA)"
 else
-    kernels="C++ kernel only (no nvcc, a CPU-only torch or FORCE_CUDA=0; ≈ 1-2 min on 2 cores)"
+    kernels="C++ kernel only (no nvcc, a CPU-only torch or FORCE_CUDA=0; ≈ 1 min on 2 cores)"
 fi
 if [ -n "$extras" ]; then
     install_kind="editable install with the test tools: edits under engine/ and plugins/ are live, the extension lands in package/"
