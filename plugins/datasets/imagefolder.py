@@ -149,8 +149,9 @@ def _extract_all(handle: tarfile.TarFile, destination: str) -> None:
     root = os.path.realpath(destination)
     members = []
     for member in handle.getmembers():
+        member.name = member.name.lstrip("/")  # as the "data" filter does: an absolute name lands inside
         target = os.path.realpath(os.path.join(root, member.name))
-        if os.path.isabs(member.name) or os.path.commonpath([root, target]) != root:
+        if os.path.commonpath([root, target]) != root:
             raise UnsafeArchiveError(f"member {member.name!r} would be extracted outside the destination")
         if not (member.isfile() or member.isdir()):
             raise UnsafeArchiveError(f"member {member.name!r} is not a plain file or folder")
