@@ -11,6 +11,7 @@ run stopped by SIGINT (130) or SIGTERM (143).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from typing import Iterable, Sequence
@@ -78,11 +79,15 @@ def main(argv: Sequence[str] | None = None, *, extra_plugins: Iterable[object] =
     debug = getattr(args, "debug", False)
     try:
         code = command.run(args)
+        sys.stdout.flush()  # a reader that has gone (`| head`) shows here, in the handler below
         return EXIT_OK if code is None else int(code)
     except UserError as error:
         return _report(f"error: {error}", EXIT_BAD_INPUT, debug, error)
     except KeyboardInterrupt:  # a second Ctrl-C the runner did not turn into a stop message
         return _report("interrupted", EXIT_INTERRUPTED, debug)
+    except BrokenPipeError:  # `pyramidkd validate R | head`: the reader has gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return EXIT_OK
     except Exception as error:
         if command.plugin == BUILTIN_PLUGIN:
             raise  # a bug in pyramidkd: the traceback is the report
