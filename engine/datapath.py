@@ -32,6 +32,7 @@ import torch
 from .components import ComponentSpec, DatasetContext, DataSplits, StagePlan
 from .distributed import World, broadcast_object
 from .errors import DatasetError, RecipeError
+from .formatting import format_bytes
 from .tensordata import TensorSplit
 
 RAM_SHARE = 0.25  # auto: the tensors may take this share of the available RAM
@@ -168,11 +169,3 @@ def _cgroup_room() -> int | None:
             return max(0, int(limit) - int(handle.read().strip()))
     except (OSError, ValueError):
         return None
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(count) < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"

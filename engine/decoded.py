@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -47,7 +46,8 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
-from .rundir import current_umask
+from .formatting import format_bytes
+from .rundir import atomic_write
 
 log = logging.getLogger("pyramidkd")
 
@@ -137,29 +137,13 @@ def write_cache(path: str, full_digest: str, tensors: Mapping[str, torch.Tensor]
                          "payload_sha256": checksum.hexdigest(), "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          "description": description}, default=str).encode()
     prefix_bytes = PREFIX + len(header)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(descriptor, 0o666 & ~current_umask())  # mkstemp made it private
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(FORMAT_TAG + struct.pack("<Q", len(header)) + hashlib.sha256(header).digest() + header + bytes(_aligned(prefix_bytes) - prefix_bytes))
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        temporary = None
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+
+    def write(handle) -> None:
+        handle.write(FORMAT_TAG + struct.pack("<Q", len(header)) + hashlib.sha256(header).digest() + header + bytes(_aligned(prefix_bytes) - prefix_bytes))
+        for chunk in chunks:
+            handle.write(chunk)
+
+    atomic_write(path, write)
 
 
 def read_cache(path: str, full_digest: str) -> dict[str, torch.Tensor]:
@@ -238,8 +222,8 @@ def _decode_checked(decode: Callable[[], Mapping[str, torch.Tensor]], name: str)
     started = time.perf_counter()
     tensors = dict(decode())
     seconds = time.perf_counter() - started
-    megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
-    log.info("decoded %s in %.1fs (%.0f MB)", name, seconds, megabytes)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    log.info("decoded %s in %.1fs (%s)", name, seconds, format_bytes(nbytes))
     return tensors
 
 

@@ -32,6 +32,15 @@ def format_count(value: int | float | None) -> str:
     return str(value)
 
 
+def format_bytes(count: float) -> str:
+    """A size in bytes, decimal units: ``512 B``, ``61.6 MB``, ``24.0 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
 def percent(fraction: float | None) -> float | None:
     """A fraction (0.97) as percent (97.0); None stays None."""
     return None if fraction is None else 100.0 * fraction

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -35,23 +35,40 @@ MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 
 
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that ``path`` is either the old or the new
-    file, never a partial one; a write error (disk full, read-only) is reported
-    with the path and leaves the previous file in place."""
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(handle)`` so that ``path`` is either the old or
+    the new file, never a partial one: a temporary file in the same folder with the
+    umask's mode, fsync, rename, fsync of the folder. An ``OSError`` leaves the
+    previous file in place and is raised as it is."""
     folder = os.path.dirname(os.path.abspath(path))
-    temporary = None
+    os.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         # mkstemp creates 0600; give the file the mode open() would (the umask's)
         os.fchmod(descriptor, 0o666 & ~current_umask())
         with os.fdopen(descriptor, "wb") as handle:
-            _write_all(handle, payload)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         temporary = None
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """:func:`atomic_write` of ``payload``; a write error (disk full, read-only) is
+    reported with the path and leaves the previous file in place."""
+    try:
+        atomic_write(path, lambda handle: _write_all(handle, payload))
     except OSError as error:
         reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise RunDirectoryError(
@@ -59,20 +76,10 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
             file=path,
             fix="free disk space or choose a writable --output, then continue with --resume",
         ) from error
-    finally:
-        if temporary is not None:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-    try:  # make the rename itself durable
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
+
+
+def _write_all(handle, payload: bytes) -> None:
+    handle.write(payload)
 
 
 _FALLBACK_UMASK: list[int] = []
@@ -93,10 +100,6 @@ def current_umask() -> int:
         os.umask(previous)
         _FALLBACK_UMASK.append(previous)
     return _FALLBACK_UMASK[0]
-
-
-def _write_all(handle, payload: bytes) -> None:
-    handle.write(payload)
 
 
 def atomic_write_text(path: str, text: str) -> None:
