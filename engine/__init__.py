@@ -14,6 +14,8 @@ from .components import (
     DataSplits,
     Dataset,
     DatasetContext,
+    Launcher,
+    LaunchContext,
     Logger,
     Loss,
     Model,
@@ -39,6 +41,7 @@ from .formatting import (
 from .decoded import cached_tensors, decode_images
 from .errors import CheckpointError, DatasetError, PluginError, RecipeError, RunDirectoryError, UserError
 from .hookspecs import hookimpl, hookspec
+from .sweeps.jobs import JobOutcome, RunJob, outcome_file, run_job, write_job_file
 from .planning import PlanContext, SourceModel, StageEntry
 from .records import CSV_COLUMNS, DatasetInfo, EpochRecord, RunSummary, StageResult, TeacherRef, TestRecord, record_from_dict, read_metrics
 from .tensordata import Augmentation, TensorSplit
@@ -60,6 +63,9 @@ __all__ = [
     "DataSplits",
     "EpochRecord",
     "FieldValueError",
+    "JobOutcome",
+    "Launcher",
+    "LaunchContext",
     "Logger",
     "Loss",
     "Model",
@@ -71,6 +77,7 @@ __all__ = [
     "PluginError",
     "RecipeError",
     "RunDirectoryError",
+    "RunJob",
     "RunSummary",
     "SchedulerSection",
     "Scheme",
@@ -98,10 +105,13 @@ __all__ = [
     "hookspec",
     "non_negative",
     "open_unit",
+    "outcome_file",
     "percent",
     "positive",
     "progress_bar",
     "read_metrics",
     "record_from_dict",
+    "run_job",
     "summary_rows",
+    "write_job_file",
 ]

@@ -260,10 +260,41 @@ class Scheme(Component):
         raise NotImplementedError
 
 
+@attrs.frozen
+class LaunchContext:
+    """What a launcher gets besides the jobs: the sweep's folder and its name."""
+
+    folder: str  # the sweep folder (absolute); run folders are inside it
+    scratch: str  # a folder of the launcher's own under it (job files, Slurm logs)
+    sweep: str  # the sweep's name (e.g. a Slurm job name)
+
+
+class Launcher(Component):
+    """Runs a sweep's jobs somewhere: child processes here, Ray tasks, a Slurm
+    job array. ``Params`` are the keys of the sweep file's ``[launcher]`` table.
+
+    :meth:`launch` runs every :class:`~pyramidkd.engine.sweeps.jobs.RunJob` by
+    calling :func:`~pyramidkd.engine.sweeps.jobs.run_job` on it (in whatever
+    process the launcher chooses) and reports each job's
+    :class:`~pyramidkd.engine.sweeps.jobs.JobOutcome` through ``on_done`` as soon
+    as it ends, from the thread that called ``launch``. A job that crashes its
+    process is reported as failed; the others go on. ``launch`` returns when every
+    job has been reported.
+    """
+
+    def launch(self, jobs, on_done, context: LaunchContext) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for ``sweep --dry-run``: where and how the jobs will run."""
+        return self.name
+
+
 COMPONENT_KINDS: dict[str, type[Component]] = {
     "scheme": Scheme,
     "loss": Loss,
     "dataset": Dataset,
     "model": Model,
     "logger": Logger,
+    "launcher": Launcher,
 }

@@ -41,6 +41,16 @@ def format_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def percent(fraction: float | None) -> float | None:
     """A fraction (0.97) as percent (97.0); None stays None."""
     return None if fraction is None else 100.0 * fraction

@@ -73,6 +73,17 @@ def pyramidkd_register_loggers():
 
 
 @hookspec
+def pyramidkd_register_launchers():
+    """Return a list of :class:`~pyramidkd.engine.components.Launcher` subclasses.
+
+    A launcher runs the jobs of ``pyramidkd sweep`` (one per cell and seed):
+    ``local`` (child processes on this machine), ``ray`` and ``slurm`` are
+    built in. A sweep file chooses one with ``[launcher] name = ...``; the rest
+    of that table is validated against the launcher's ``Params``.
+    """
+
+
+@hookspec
 def pyramidkd_register_commands(commands):
     """Add sub-commands to the ``pyramidkd`` command line.
 

@@ -30,6 +30,7 @@ REGISTRATION_HOOKS = {
     "dataset": "pyramidkd_register_datasets",
     "model": "pyramidkd_register_models",
     "logger": "pyramidkd_register_loggers",
+    "launcher": "pyramidkd_register_launchers",
 }
 
 

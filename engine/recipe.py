@@ -133,6 +133,11 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     return parts, value
 
 
+def format_override(key: str, value: Any) -> str:
+    """The ``--set`` text that sets ``key`` to ``value`` (any TOML value, tables included)."""
+    return f"{key}={_toml_value(value)}"
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], file: str) -> set[str]:
     """Apply ``--set`` overrides in place; return the key paths they set."""
     touched = set()

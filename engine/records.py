@@ -10,9 +10,14 @@ newer file still reads). Adding a metric means adding one field here.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, ClassVar, Literal
 
 import attrs
+
+from .errors import RunDirectoryError
+
+SUMMARY_FILE = "summary.json"
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -200,3 +205,31 @@ class RunSummary:
 
     def stage(self, stage_id: str) -> StageResult | None:
         return next((s for s in self.stages if s.stage == stage_id), None)
+
+
+RERUN_FIX = "re-run the recipe into this folder to rewrite it"
+
+
+def load_summary(run_dir: str) -> RunSummary:
+    """A finished run's ``summary.json``; a missing or damaged one is an error
+    naming the file and the fix."""
+    if not os.path.isdir(run_dir):
+        raise RunDirectoryError("no such run directory", file=run_dir, fix="pass the folder a run wrote (runs/<name>-<time> or its --output)")
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        raise RunDirectoryError(
+            f"holds no {SUMMARY_FILE}: not a finished pyramidkd run",
+            file=run_dir,
+            fix="pass the folder of a finished run; finish an interrupted one with `pyramidkd run RECIPE --output DIR --resume`",
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunDirectoryError(f"cannot read {SUMMARY_FILE}: {error}", file=path, fix=RERUN_FIX) from error
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        raise RunDirectoryError(f"{SUMMARY_FILE} has no list of stages", file=path, fix=RERUN_FIX)
+    try:
+        return RunSummary.from_dict(data)
+    except (TypeError, AttributeError) as error:  # a required key missing, or a stage that is not an object
+        raise RunDirectoryError(f"{SUMMARY_FILE} is not a pyramidkd run summary ({error})", file=path, fix=RERUN_FIX) from error

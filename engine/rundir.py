@@ -26,13 +26,13 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from .errors import RunDirectoryError
+from .records import SUMMARY_FILE  # noqa: F401  (the run folder's file names are importable from here too)
 
 log = logging.getLogger("pyramidkd")
 
 LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.toml"
 MANIFEST_FILE = "manifest.json"
-SUMMARY_FILE = "summary.json"
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -185,43 +185,10 @@ class RunDirectory:
         atomic_write_text(stored, recipe_text)
         return False
 
-    @contextlib.contextmanager
     def lock(self):
-        """Hold ``.lock`` (an flock, released by the kernel if the process dies, so a
-        stale lock from a dead process is simply taken over)."""
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            handle = open(self.file(LOCK_FILE), "a+", encoding="utf-8")
-        except OSError as error:
-            raise RunDirectoryError(f"cannot use the output folder: {error.strerror}", file=self.path, fix="choose a writable --output") from error
-        try:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                owner = handle.read().strip() or "another process"
-                raise RunDirectoryError(
-                    f"another run is writing this folder ({owner})",
-                    file=self.path,
-                    fix="wait for it to finish, stop it, or choose another --output",
-                ) from None
-            handle.seek(0)
-            stale = handle.read().strip()
-            if stale:
-                log.info("taking over a stale lock (%s, no longer running)", stale)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            handle.flush()
-            try:
-                yield self
-            finally:
-                handle.seek(0)
-                handle.truncate()
-                handle.flush()
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        finally:
-            handle.close()
+        """Hold ``.lock`` while the run writes this folder."""
+        return folder_lock(self.path, LOCK_FILE, "another run is writing this folder",
+                           "wait for it to finish, stop it, or choose another --output")
 
     def write_manifest(self, *, seed: int, device: str, recipe_file: str, started: float, finished: float | None, argv: list[str],
                        world_size: int = 1) -> None:
@@ -244,6 +211,42 @@ class RunDirectory:
         }
         atomic_write_json(self.file(MANIFEST_FILE), manifest)
 
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, name: str, busy: str, fix: str):
+    """Hold the flock file ``folder/name`` (released by the kernel if the process
+    dies, so a stale lock from a dead process is simply taken over); ``busy`` and
+    ``fix`` make the error when another live process holds it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(os.path.join(folder, name), "a+", encoding="utf-8")
+    except OSError as error:
+        raise RunDirectoryError(f"cannot use the output folder: {error.strerror}", file=folder, fix="choose a writable --output") from error
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise RunDirectoryError(f"{busy} ({owner})", file=folder, fix=fix) from None
+        handle.seek(0)
+        stale = handle.read().strip()
+        if stale:
+            log.info("taking over a stale lock (%s, no longer running)", stale)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        handle.close()
 
 def _entries(path: str) -> list[str]:
     return [name for name in os.listdir(path) if name != LOCK_FILE]

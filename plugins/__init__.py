@@ -16,4 +16,7 @@ BUILTIN_PLUGINS = (
     "pyramidkd.plugins.loggers.console",
     "pyramidkd.plugins.loggers.files",
     "pyramidkd.plugins.loggers.tensorboard",
+    "pyramidkd.plugins.launchers.local",
+    "pyramidkd.plugins.launchers.ray_cluster",
+    "pyramidkd.plugins.launchers.slurm",
 )

@@ -7,9 +7,9 @@ built-ins come first in ``pyramidkd --help`` and a plugin cannot take their name
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import bench_models, models, plugins, report, run, validate
+from . import bench_models, models, plugins, report, run, sweep, validate
 
-BUILTIN_COMMANDS = (run, validate, models, bench_models, plugins, report)
+BUILTIN_COMMANDS = (run, sweep, validate, models, bench_models, plugins, report)
 
 
 @hookimpl

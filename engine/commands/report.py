@@ -15,7 +15,8 @@ where the recipe has one, and the difference), or, with ``--format json``, the
 same as JSON with accuracies in percent (keys ending in ``_pct``).
 
 A ``run --seeds`` folder (``DIR/seed-N/...``) is reported as one: mean ± std per
-stage and the seeds' training curves overlaid (:mod:`.report_seeds`).
+stage and the seeds' training curves overlaid (:mod:`.report_seeds`); a sweep
+folder (``sweep.json``) gets the sweep's table and a plot per stage (:mod:`.report_sweep`).
 """
 
 from __future__ import annotations
@@ -29,41 +30,16 @@ from typing import Sequence
 
 from ..errors import RunDirectoryError, UserError
 from ..formatting import format_count, format_markdown_table, format_number, percent
-from ..records import EpochRecord, RunSummary, StageResult, read_metrics
-from ..rundir import SUMMARY_FILE
+from ..records import EpochRecord, RunSummary, StageResult, load_summary, read_metrics
 
 NAME = "report"
 HELP = "tables and plots of finished runs (writes RUN_DIR/plots/*.png)"
 PLOTS_DIR = "plots"
 CHAIN_PLOT = "accuracy_vs_params.png"
 METRICS_FILE = "metrics.jsonl"
-RERUN_FIX = "re-run the recipe into this folder to rewrite it"
 
 
 # --- reading a run ------------------------------------------------------------
-
-
-def load_summary(run_dir: str) -> RunSummary:
-    if not os.path.isdir(run_dir):
-        raise RunDirectoryError("no such run directory", file=run_dir, fix="pass the folder a run wrote (runs/<name>-<time> or its --output)")
-    path = os.path.join(run_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        raise RunDirectoryError(
-            f"holds no {SUMMARY_FILE}: not a finished pyramidkd run",
-            file=run_dir,
-            fix="pass the folder of a finished run; finish an interrupted one with `pyramidkd run RECIPE --output DIR --resume`",
-        )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunDirectoryError(f"cannot read {SUMMARY_FILE}: {error}", file=path, fix=RERUN_FIX) from error
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
-        raise RunDirectoryError(f"{SUMMARY_FILE} has no list of stages", file=path, fix=RERUN_FIX)
-    try:
-        return RunSummary.from_dict(data)
-    except (TypeError, AttributeError) as error:  # a required key missing, or a stage that is not an object
-        raise RunDirectoryError(f"{SUMMARY_FILE} is not a pyramidkd run summary ({error})", file=path, fix=RERUN_FIX) from error
 
 
 def load_epoch_records(run_dir: str) -> dict[str, list[EpochRecord]] | None:
@@ -145,11 +121,15 @@ def plot_file(run_dir: str, name: str) -> str:
 def build_report(run_dir: str, *, hosts: Hosts | None = None, plots: bool = True) -> dict:
     """The report of one run (a dict, as ``--format json`` prints it); writes the plots.
     A ``--seeds`` folder gets the report of :func:`.report_seeds.build_seeds_report`."""
+    from ..sweeps.results import is_sweep_folder
     from .plots import plot_accuracy_vs_params, plot_curves, save
     from .report_seeds import build_seeds_report, is_seeds_folder
+    from .report_sweep import build_sweep_report
 
     run_dir = os.path.abspath(run_dir)
     hosts = hosts or Hosts()
+    if is_sweep_folder(run_dir):
+        return build_sweep_report(run_dir, hosts=hosts, plots=plots)
     if is_seeds_folder(run_dir):
         return build_seeds_report(run_dir, hosts=hosts, plots=plots)
     summary = load_summary(run_dir)
@@ -258,14 +238,16 @@ def markdown_block(report: dict, title: str, runs: str, rows: list[dict], note: 
 
 def format_markdown(reports: list[dict]) -> str:
     from .report_seeds import format_seeds_markdown
+    from .report_sweep import format_sweep_report
 
-    blocks = [format_seeds_markdown(r) if r.get("kind") == "seeds" else format_run_markdown(r) for r in reports]
+    formats = {"seeds": format_seeds_markdown, "sweep": format_sweep_report}
+    blocks = [formats.get(r.get("kind"), format_run_markdown)(r) for r in reports]
     return "\n\n".join(blocks) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run directories (or a `run --seeds` folder), e.g. runs/quickstart-20250101-120000")
+                        help="run directories (or a `run --seeds` or `sweep` folder), e.g. runs/quickstart-20250101-120000")
     parser.add_argument("--format", choices=["markdown", "json"], default="markdown", help="output format (default: markdown)")
 
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser)
     parser.add_argument("--output", "-o", metavar="DIR", help="run directory (default: runs/<experiment>-<time>)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or epoch lines (CI)")
-    parser.add_argument("--seeds", metavar="S1,S2,...", help="run once per seed (DIR/seed-N each) and report mean ± std")
+    parser.add_argument("--seeds", metavar="S1,S2,...", help="run once per seed (DIR/seed-N each, a one-axis sweep) and report mean ± std")
     parser.add_argument("--max-epochs", type=positive_int, metavar="N",
                         help="train every stage at most N epochs, scheme-planned stages included (a quick trial of a chain)")
     parser.add_argument("--resume", action="store_true", help="continue the run in DIR from its last completed step")
@@ -42,9 +42,8 @@ def execute(args: argparse.Namespace) -> int:
     if args.seeds:
         from .seeds import parse_seeds, run_seeds
 
-        run_seeds(args.recipe, args.overrides, parse_seeds(args.seeds), output=args.output, quiet=args.quiet,
-                  force=args.force, resume=args.resume, max_epochs=args.max_epochs)
-        return 0
+        return run_seeds(args.recipe, args.overrides, parse_seeds(args.seeds), output=args.output, quiet=args.quiet,
+                         force=args.force, resume=args.resume, max_epochs=args.max_epochs)
     from ..runner import run_recipe
 
     run_recipe(args.recipe, args.overrides, output=args.output, quiet=args.quiet, force=args.force, resume=args.resume,

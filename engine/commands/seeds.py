@@ -6,6 +6,7 @@ such a folder back with :func:`load_seed_runs`.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import statistics
@@ -85,23 +86,46 @@ def format_aggregate(result: Mapping) -> str:
 
 
 def run_seeds(recipe_path: str, overrides: Sequence[str], seeds: list[int], *, output: str | None, quiet: bool, force: bool,
-              resume: bool, max_epochs: int | None = None) -> dict:
-    from ..recipe import load_recipe
+              resume: bool, max_epochs: int | None = None) -> int:
+    """A one-cell sweep (:mod:`pyramidkd.engine.sweeps`) with the runs in ``DIR/seed-N``,
+    one at a time on this machine; then the mean ± std table. Returns the exit code."""
+    import io
+
+    from ..components import ComponentSpec
+    from ..host import make_plugin_host
+    from ..recipe import format_key_path, load_recipe, parse_override
     from ..rundir import atomic_write_json, default_output_dir
-    from ..runner import run_recipe
+    from ..sweeps.folder import SweepFolder
+    from ..sweeps.spec import SweepCell, SweepPlan, safe_id
+    from ..sweeps.sweep import check_cells, execute, plan_runs
+    from .sweep import finish
 
     name = load_recipe(recipe_path, list(overrides)).experiment.name
-    folder = output or default_output_dir(name)
+    folder = SweepFolder(output or default_output_dir(name))
+    if resume and not os.path.isdir(folder.path):
+        raise RunDirectoryError("there is no run to resume here", file=folder.path, fix="check --output, or drop --resume")
+    values = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        values[format_key_path(parts)] = value
+    cell = SweepCell(safe_id(name), recipe_path, os.path.abspath(recipe_path), values, "")
+    local = make_plugin_host().registry("launcher").get("local")
+    plan = SweepPlan(name, recipe_path, list(seeds), [cell], [], ComponentSpec(local, local.Params(workers=1), "--seeds"))
+    runs = plan_runs(plan, folder, check_cells(plan, max_epochs))
+    outcome = execute(plan, folder, runs, force=force, max_epochs=max_epochs, seeds_only=True,
+                      stream=io.StringIO() if quiet else None)
+    code = finish(outcome, show_results=False)
     summaries = {}
-    for seed in seeds:
-        summary = run_recipe(recipe_path, [*overrides, f"experiment.seed={seed}"], output=os.path.join(folder, f"seed-{seed}"),
-                             quiet=quiet, force=force, resume=resume, max_epochs=max_epochs)
-        summaries[seed] = RunSummary.from_dict(summary)
-    result = aggregate(summaries)
-    atomic_write_json(os.path.join(folder, SEEDS_SUMMARY_FILE), result)
-    print(format_aggregate(result))
-    print(f"results: {os.path.abspath(folder)}")
-    return result
+    for seed, path in seed_folders(folder.path).items():
+        if seed in seeds and os.path.exists(os.path.join(path, "summary.json")):
+            with open(os.path.join(path, "summary.json"), encoding="utf-8") as handle:
+                summaries[seed] = RunSummary.from_dict(json.load(handle))
+    if summaries:
+        result = aggregate(summaries)
+        atomic_write_json(os.path.join(folder.path, SEEDS_SUMMARY_FILE), result)
+        print(format_aggregate(result))
+    print(f"results: {folder.path}")
+    return code
 
 
 def load_seed_runs(folder: str, read_summary) -> tuple[dict[int, str], dict[int, RunSummary], list[str]]:

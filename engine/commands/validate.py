@@ -19,8 +19,13 @@ def _source(teacher) -> str:
 
 
 def execute(args: argparse.Namespace) -> int:
+    from ..recipe import read_toml
     from ..runner import dataset_context, prepare
 
+    if "sweep" in read_toml(args.recipe):  # a sweep file: every cell is checked
+        from .sweep import validate_sweep
+
+        return validate_sweep(args.recipe, args.overrides)
     prepared = prepare(args.recipe, args.overrides)
     prepared.dataset.instantiate().check(dataset_context(prepared.recipe))
     print(f"{args.recipe}: ok — {len(prepared.stages)} stage(s): {', '.join(s.id for s in prepared.stages)}")

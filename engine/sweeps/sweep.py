@@ -1,0 +1,171 @@
+"""Runs a sweep: validate every cell before anything trains, take the folder
+(one sweep per folder, one process at a time), skip the runs that finished
+earlier, hand the rest to the launcher, record each outcome as it comes, then
+aggregate the results.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+import attrs
+
+from ..errors import UserError
+from ..formatting import format_table
+from ..recipe import dump_toml, load_recipe
+from ..runner import PreparedRun, dataset_context, prepare
+from ..training.fingerprint import Fingerprints
+from ..components import LaunchContext
+from .folder import SCRATCH, SweepFolder, run_key
+from .jobs import JobOutcome, RunJob
+from .progress import LiveView, TrackedRun
+from .spec import SweepCell, SweepPlan, comparable
+
+
+@attrs.frozen
+class PlannedRun:
+    """One cell x seed, with where it lives and whether it finished earlier."""
+
+    cell: SweepCell
+    seed: int
+    folder: str
+    log_file: str
+    epochs: int  # planned, over all its stages
+    status: str  # "finished" (an earlier sweep completed it), "partial" (it started), "new"
+
+    @property
+    def key(self) -> str:
+        return run_key(self.cell.id, self.seed)
+
+    def overrides(self) -> list[str]:
+        return [*self.cell.override_args(), f"experiment.seed={self.seed}"]
+
+
+@attrs.define
+class SweepOutcome:
+    folder: str
+    runs: list[PlannedRun]
+    failed: list[tuple[PlannedRun, dict[str, Any]]] = attrs.field(factory=list)
+    interrupted: bool = False
+
+
+def check_cells(plan: SweepPlan, max_epochs: int | None = None) -> dict[str, PreparedRun]:
+    """Validate and plan every cell's recipe with its values, before anything runs."""
+    prepared = {}
+    for cell in plan.cells:
+        try:
+            checked = prepare(cell.recipe_path, [*cell.override_args(), f"experiment.seed={plan.seeds[0]}"],
+                              max_epochs=max_epochs)
+            checked.dataset.instantiate().check(dataset_context(checked.recipe))  # its files are there
+            prepared[cell.id] = checked
+        except UserError as error:
+            origin = f"cell {cell.id!r} of {plan.file} ([sweep] recipe {cell.recipe!r}"
+            origin += f" with {', '.join(cell.override_args())})" if cell.overrides else ")"
+            raise type(error)(f"{origin}: {error.message}", file=error.file, key=error.key, fix=error.fix) from error
+    return prepared
+
+
+def plan_runs(plan: SweepPlan, folder: SweepFolder, prepared: dict[str, PreparedRun]) -> list[PlannedRun]:
+    runs = []
+    for cell in plan.cells:
+        cell_plan = prepared[cell.id]
+        epochs = sum(stage.train.epochs for stage in cell_plan.stages)
+        for seed in plan.seeds:
+            run_folder = folder.run_folder(cell.folder, seed)
+            draft = PlannedRun(cell, seed, run_folder, folder.log_file(cell.id, seed), epochs, "new")
+            runs.append(attrs.evolve(draft, status=_status(draft, cell_plan)))
+    return runs
+
+
+def _status(run: PlannedRun, cell_plan: PreparedRun) -> str:
+    """"finished" only when the folder's recipe and every stage's fingerprint match
+    what this sweep would run: a changed recipe file or checkpoint runs again."""
+    import json
+
+    if not os.path.exists(os.path.join(run.folder, "recipe.toml")):
+        return "new"
+    try:
+        with open(os.path.join(run.folder, "recipe.toml"), encoding="utf-8") as handle:
+            stored = handle.read()
+        with open(os.path.join(run.folder, "summary.json"), encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError):
+        return "partial"
+    if stored != dump_toml(load_recipe(run.cell.recipe_path, run.overrides()).data):
+        return "partial"
+    expected = Fingerprints(cell_plan.stages, cell_plan.dataset, run.seed).by_stage
+    found = {stage.get("stage"): stage.get("fingerprint") for stage in summary.get("stages") or []}
+    return "finished" if found == expected else "partial"
+
+
+def describe(plan: SweepPlan, runs: list[PlannedRun], folder: SweepFolder) -> str:
+    """What ``--dry-run`` prints: the cells, the runs and where they go."""
+    launcher = plan.launcher.instantiate().describe() if plan.launcher else "(none)"
+    head = (f"sweep {plan.name} ({plan.file}): {len(plan.cells)} cell(s) x {len(plan.seeds)} seed(s) = {len(runs)} run(s); "
+            f"launcher {launcher}\nfolder: {folder.path}")
+    cells = format_table([{
+        "cell": cell.id, "recipe": cell.recipe,
+        "overrides": " ".join(cell.override_args()) or "-",
+        "epochs/run": str(next(r.epochs for r in runs if r.cell.id == cell.id)),
+    } for cell in plan.cells], right=("epochs/run",))
+    table = format_table([{"run": run.key, "status": run.status, "folder": os.path.relpath(run.folder, folder.path)}
+                          for run in runs])
+    lines = [head, "", cells, "", table]
+    if plan.baselines:
+        lines += ["", "compared with (paired by seed): " + ", ".join(b.label for b in plan.baselines)]
+    stored = folder.stored_definition()
+    if stored is not None and comparable(stored) != comparable(plan.definition()):
+        lines += ["", "note: the folder holds a different sweep: running it needs --force"]
+    return "\n".join(lines)
+
+
+def execute(plan: SweepPlan, folder: SweepFolder, runs: list[PlannedRun], *, force: bool = False,
+            max_epochs: int | None = None, seeds_only: bool = False, stream: TextIO | None = None) -> SweepOutcome:
+    """Run every run that has not finished, through ``plan.launcher``."""
+    stream = stream or sys.stderr
+    outcome = SweepOutcome(folder.path, runs)
+    with folder.lock():
+        folder.adopt(plan.definition(), comparable, force=force, seeds_only=seeds_only)
+        pending = [run for run in runs if run.status != "finished"]
+        state = folder.read_state()
+        for run in runs:  # a run launched again starts with a clean record
+            if run.status == "finished":
+                state[run.key] = {**state.get(run.key, {}), "status": "done", "error": None}
+            else:
+                state.pop(run.key, None)
+        folder.write_state(state)
+        tracked = [TrackedRun(run.key, run.folder, run.epochs, "finished-before" if run.status == "finished" else "waiting")
+                   for run in runs]
+        by_key = {run.key: run for run in pending}
+        skipped = len(runs) - len(pending)
+        if skipped:
+            print(f"{skipped} of {len(runs)} run(s) finished earlier: kept", file=stream)
+        if not pending:
+            return outcome
+        jobs = [RunJob(run.key, run.cell.id, run.seed, run.cell.recipe_path, tuple(run.overrides()), run.folder, run.log_file,
+                       max_epochs=max_epochs, force=force) for run in pending]
+        launcher = plan.launcher.instantiate()
+        context = LaunchContext(folder.path, folder.file(SCRATCH), plan.name)
+        os.makedirs(context.scratch, exist_ok=True)
+        with LiveView(plan.name, tracked, stream) as view:
+            print(f"launching {len(jobs)} run(s): {launcher.describe()}", file=stream)
+
+            def on_done(result: JobOutcome) -> None:
+                run = by_key[result.key]
+                record = {"status": result.status, "error": result.error, "time_s": result.time_s,
+                          "log": os.path.relpath(run.log_file, folder.path)}
+                state[result.key] = record
+                folder.write_state(state)
+                if result.ok:
+                    view.mark(result.key, "done", None)
+                else:
+                    outcome.failed.append((run, record))
+                    view.mark(result.key, "failed", f"run {result.key} failed: {result.error} (log: {run.log_file})")
+
+            try:
+                launcher.launch(jobs, on_done, context)
+            except KeyboardInterrupt:
+                outcome.interrupted = True
+    return outcome

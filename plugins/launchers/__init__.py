@@ -1,0 +1,1 @@
+"""Built-in launchers: where ``pyramidkd sweep`` runs its jobs (``local``, ``ray``, ``slurm``)."""
