@@ -19,7 +19,7 @@ from typing import Any, Collection, Mapping, Sequence, TextIO
 
 from .records import RunSummary, StageResult
 
-_SUFFIXES = ((1e9, "G", 2), (1e6, "M", 2), (1e3, "k", 1))
+_SUFFIXES = ((1e15, "P", 2), (1e12, "T", 2), (1e9, "G", 2), (1e6, "M", 2), (1e3, "k", 1))
 
 
 def format_count(value: int | float | None) -> str:

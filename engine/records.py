@@ -152,6 +152,8 @@ class StageResult:
     checkpoint: str = ""
     time_s: float = 0.0  # all of the stage's training, before and after an interruption
     fingerprint: str | None = None  # of the stage's resolved plan: reuse only on a match
+    macs: int | None = None  # the student's forward pass, one image
+    train_macs: int | None = None  # the stage's training cost (training.models.training_macs)
     skipped: bool = False  # reused from an earlier run (same fingerprint)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import torch
 from ..errors import UserError
 from ..formatting import format_count, format_table
 from ..training.models import count_parameters
-from .models import count_macs, default_params
+from ..training.models import count_macs
+from .models import default_params
 
 NAME = "bench-models"
 HELP = "params, MACs and measured latency of vgg19 and the SVGG models (table + PNG)"

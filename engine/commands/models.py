@@ -16,43 +16,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..formatting import format_count, format_table
-from ..training.models import count_parameters
+from ..training.models import count_macs, count_parameters
 
 NAME = "models"
 HELP = "list every registered model with its parameters and MACs"
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of ``Conv2d`` and ``Linear`` layers for one input
-    (one forward pass of a zero image on the model's device)."""
-    total = 0
-
-    def conv_hook(module: nn.Conv2d, inputs, output):
-        nonlocal total
-        kernel = module.kernel_size[0] * module.kernel_size[1]
-        total += output[0].numel() * (module.in_channels // module.groups) * kernel
-
-    def linear_hook(module: nn.Linear, inputs, output):
-        nonlocal total
-        total += output[0].numel() * module.in_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        model(torch.zeros((1, *input_shape), device=device))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return total
 
 
 def default_params(cls, width: float):

@@ -98,7 +98,7 @@ def stage_macs(run_dir: str, stage: StageResult, host) -> tuple[int | None, str 
     or None and the reason."""
     from ..training.checkpoints import load_checkpoint
     from ..training.models import model_from_checkpoint
-    from .models import count_macs
+    from ..training.models import count_macs
 
     if not stage.checkpoint:
         return None, f"stage {stage.stage!r}: no checkpoint recorded"

@@ -22,7 +22,7 @@ from ..records import EpochRecord, StageResult, TeacherRef, TestRecord
 from .checkpoints import model_checkpoint, save_checkpoint
 from .evaluate import autocast_context, evaluate, stage_loss
 from .loaders import make_loader
-from .models import count_parameters
+from .models import count_macs, count_parameters, training_macs
 from .optim import step_scheduler
 from .rng import restore_rng_states, rng_states
 from .state import Progress, StageState, build_stage_state, last_checkpoint, restore_state
@@ -238,6 +238,9 @@ class StageRunner:
         state.student.load_state_dict(state.best_state)
         test_loss, test_acc = evaluate(state.student, self.loader(run.data.test, train=False), self.device,
                                        precision=stage.train.precision, world=run.world, prepare=state.prepare_images)
+        shape = tuple(run.data.input_shape)
+        macs = count_macs(state.student, shape)
+        teacher_macs = sum(count_macs(tap.model, shape) for tap in state.teacher_taps)
         result = StageResult(
             stage=stage.id,
             entry=stage.entry_id,
@@ -259,6 +262,8 @@ class StageRunner:
             checkpoint=os.path.relpath(self.checkpoint_path("best"), run.directory.path),
             time_s=round(time.time() - self.started, 3),
             fingerprint=self.fingerprint,
+            macs=macs,
+            train_macs=training_macs(macs, teacher_macs, len(run.data.train), stage.train.epochs),
         )
         record = TestRecord(stage=stage.id, entry=stage.entry_id, epoch=progress.best_epoch, val_acc=progress.best_val_acc,
                             test_acc=test_acc, test_loss=test_loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..components import ComponentSpec, DataSplits
@@ -15,6 +16,46 @@ def build_model(spec: ComponentSpec, data: DataSplits) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of ``Conv2d`` and ``Linear`` layers for one input
+    (one forward pass of a zero image on the model's device)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, inputs, output):
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        total += output[0].numel() * (module.in_channels // module.groups) * kernel
+
+    def linear_hook(module: nn.Linear, inputs, output):
+        nonlocal total
+        total += output[0].numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def training_macs(student_macs: int, teacher_macs: int, images: int, epochs: int) -> int:
+    """A stage's training cost in MACs: per image a forward and a backward pass of
+    the student (backward ~ twice the forward: 3x in all) plus one forward pass of
+    each teacher, for every training image of every epoch (evaluation not counted)."""
+    return epochs * images * (3 * student_macs + teacher_macs)
 
 
 def model_from_checkpoint(checkpoint: dict, path: str, host) -> tuple[nn.Module, dict]:
