@@ -323,3 +323,21 @@ def test_digits_cpu_recipes_validate(cli):
     backward = cli("validate", RECIPES / "digits" / "pyramid-backward-cpu.toml")
     assert backward.code == 0, backward.err
     assert "  backward.svgg5: model svgg5, loss ce, teacher -, 8 epochs" in backward.out
+
+
+def test_level_epochs_shortens_every_level_but_the_last(write_recipe):
+    """Chains keep the last level's epochs (the final budget every method shares)
+    and may train the levels before it less (a CPU-sized study)."""
+    text = HEAD.replace("epochs = 1", "epochs = 3") + """
+[[stages]]
+id = "fwd"
+scheme = { name = "pyramid-forward", teacher = "teacher", width = 0.0625, batch_norm = true, levels = ["svgg11", "svgg5"], stage1_epochs = 2, level_epochs = 1 }
+
+[[stages]]
+id = "chain"
+scheme = { name = "kd-chain", teacher = "teacher", width = 0.0625, batch_norm = true, levels = ["svgg17", "svgg11"], level_epochs = 1 }
+"""
+    stages = {stage.id: stage for stage in prepare(str(write_recipe(text))).stages}
+    assert stages["fwd.svgg11"].train.epochs == 1 and stages["fwd.svgg5"].train.epochs == 3
+    assert stages["fwd.svgg11.hint"].train.epochs == 2 and stages["fwd.svgg5.hint"].train.epochs == 2  # stage1_epochs
+    assert stages["chain.svgg17"].train.epochs == 1 and stages["chain.svgg11"].train.epochs == 3

@@ -52,6 +52,12 @@ class LevelModelParams:
     width: float = attrs.field(default=1.0, validator=positive, metadata={"help": "channel multiplier of every level, e.g. 0.25 (must equal the teacher's)"})
     batch_norm: bool = attrs.field(default=False, metadata={"help": "BatchNorm in every level (must match the teacher)"})
     dropout: float = attrs.field(default=0.5, validator=between(0.0, 1.0))
+    level_epochs: int | None = attrs.field(default=None, validator=positive, metadata={
+        "help": "training epochs of every level before the last (default: the entry's train.epochs; the last level always trains those)"})
+
+    def epochs_of(self, level: str) -> int | None:
+        """A level's training epochs: ``level_epochs`` for all but the last level."""
+        return self.level_epochs if level != self.levels[-1] else None
 
 
 STAGE1_LOSS_HELP = 'stage-1 loss: a name ("mse", "gram", "hint") or a table, e.g. { name = "gram", pool = "max" }'
@@ -214,7 +220,8 @@ def region_taps(student_cls, teacher_cls, blocks: list[str], entry, teacher_name
     return student_taps, teacher_taps
 
 
-def hint_and_train(context, entry, params, level: str, teacher: Teacher, *, scheme: str, hint_loss=None, fitnet: bool = False) -> list[StagePlan]:
+def hint_and_train(context, entry, params, level: str, teacher: Teacher, *, scheme: str, hint_loss=None,
+                   fitnet: bool = False) -> list[StagePlan]:
     """The two stages of one level: a hint stage against ``teacher``, then training."""
     model = level_model(context, entry, level, params)
     student_cls = model.cls
@@ -256,7 +263,7 @@ def hint_and_train(context, entry, params, level: str, teacher: Teacher, *, sche
             id=train_id,
             model=model,
             loss=final_loss,
-            train=context.train(entry),
+            train=context.train(entry, epochs=params.epochs_of(level)),
             teachers=[teacher.source] if final_loss.cls.needs_teacher else [],
             init_from=StageOutput(hint_id),
             info={**info, "step": "train", "taught_by": teacher.reference},
@@ -360,7 +367,7 @@ class KDChainScheme(Scheme):
                 id=f"{entry.id}.{level}",
                 model=level_model(context, entry, level, p),
                 loss=loss,
-                train=context.train(entry),
+                train=context.train(entry, epochs=p.epochs_of(level)),
                 teachers=[teacher] if loss.cls.needs_teacher else [],
                 init_from=teacher if p.inherit else None,
                 info={"level": level, "taught_by": getattr(teacher, "stage_id", None) or p.teacher},
