@@ -233,3 +233,42 @@ def test_report_of_a_seeds_sweep_keeps_the_seeds_report(tmp_path, cli):
     assert "note: seed 2 failed: ValueError: nan loss (log: logs/seed-2.log)" in result.out
     stored = json.loads((folder / "results.json").read_text())
     assert stored["cells"][0]["seeds"] == [0, 1] and stored["cells"][0]["failed"][0]["seed"] == 2
+
+
+def chain_result(stage: str, entry: str, test: float, train_macs: int, time_s: float) -> StageResult:
+    return StageResult(stage=stage, entry=entry, model="svgg5", model_params={}, loss="ce", params=1234, epochs=2,
+                       select="val_acc", best_epoch=2, best_val_acc=test, last_val_acc=test, test_acc=test, test_loss=0.5,
+                       time_s=time_s, macs=1000, train_macs=train_macs)
+
+
+def test_methods_sum_their_stages_cost_and_read_their_final_stage(tmp_path, cli):
+    """A chain (one recipe entry, several stages) is one method: its accuracy is its
+    final stage's, its cost and time the sums over its stages."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps({
+        "format": 1, "name": "study", "seeds": [0, 1], "baselines": [{"label": "scratch", "cell": None, "stage": "scratch"}],
+        "cells": [{"id": "all", "recipe": "all.toml", "overrides": {}, "folder": "all"}]}))
+    for seed, (scratch, final) in enumerate([(0.50, 0.56), (0.52, 0.55)]):
+        stages = (chain_result("scratch", "scratch", scratch, 100, 1.0),
+                  chain_result("chain.a.hint", "chain", 0.3, 1000, 2.0),
+                  chain_result("chain.a", "chain", 0.6, 2000, 3.0),
+                  chain_result("chain.b", "chain", final, 300 + seed, 4.0))
+        summary = RunSummary(experiment="study", recipe="/all.toml", seed=seed, device="cpu",
+                             dataset=DatasetInfo("synthetic", 4, [3, 8, 8], 96, 32, 32), stages=stages, time_s=10.0)
+        (folder / "all" / f"seed-{seed}").mkdir(parents=True)
+        (folder / "all" / f"seed-{seed}" / "summary.json").write_text(json.dumps(summary.to_dict()))
+    results = collect_results(str(folder))
+    methods = results["cells"][0]["methods"]
+    assert list(methods) == ["scratch", "chain"]
+    chain = methods["chain"]
+    assert chain["stages"] == ["chain.a.hint", "chain.a", "chain.b"] and chain["final_stage"] == "chain.b"
+    assert chain["train_macs"]["values"] == [3300, 3301] and chain["time_s"]["values"] == [9.0, 9.0] and chain["epochs"] == 6
+    vs = results["cells"][0]["stages"]["chain.b"]["vs"]["scratch"]
+    assert vs["mean_diff"] == pytest.approx(0.045) and vs["n"] == 2
+    text = format_results(results)
+    assert "method" in text and "chain.b" in text and "3.3k" in text and "+4.50 [" in text
+    result = cli("report", folder)
+    assert result.code == 0, result.err
+    assert (folder / "plots" / "accuracy-vs-cost.png").read_bytes().startswith(PNG_MAGIC)
+    assert "## By method" in (folder / "results.md").read_text()

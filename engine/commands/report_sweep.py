@@ -17,9 +17,11 @@ import os
 from typing import Mapping, Sequence
 
 from ..formatting import format_count, percent
+from ..sweeps.methods import has_chains
 from ..sweeps.results import collect_results, format_results, write_results
 from .report import Hosts, plot_file
 
+COST_PLOT = "accuracy-vs-cost"
 SEED_OFFSET, SEED_SPREAD = 0.22, 0.05  # seed dots right of the mean (in cells), apart from each other
 
 
@@ -48,7 +50,37 @@ def build_sweep_report(folder: str, *, hosts: Hosts, plots: bool = True) -> dict
             path = plot_file(folder, stage_id)
             save(plot_sweep_stage(results, stage_id), path)
             report["plots"][stage_id] = path
+        if has_chains(results):
+            path = plot_file(folder, COST_PLOT)
+            save(plot_accuracy_vs_cost(results), path)
+            report["plots"][COST_PLOT] = path
     return report
+
+
+def plot_accuracy_vs_cost(results: dict):
+    """Each method's final test accuracy (%) against its total training MACs (log
+    scale), mean with std error bars on both axes: what each method's accuracy cost."""
+    from .plots import figure
+
+    drawing = figure(8.0, 5.2)
+    axes = drawing.subplots()
+    several_cells = len(results["cells"]) > 1
+    for cell in results["cells"]:
+        for entry, method in (cell.get("methods") or {}).items():
+            final = cell["stages"].get(method["final_stage"])
+            cost = method["train_macs"]
+            if not final or final["test_acc"]["mean"] is None or cost["mean"] is None:
+                continue
+            label = f"{cell['id']}: {entry}" if several_cells else entry
+            axes.errorbar([cost["mean"]], [percent(final["test_acc"]["mean"])], xerr=[cost["std"] or 0.0],
+                          yerr=[percent(final["test_acc"]["std"]) or 0.0], fmt="o", capsize=4, label=label)
+    axes.set_xscale("log")
+    axes.set(xlabel="total training cost (MACs, log scale)", ylabel="final test accuracy (%)",
+             title=f"{results.get('name')}: accuracy vs training cost (mean ± std over seeds)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small", loc="best")
+    drawing.tight_layout()
+    return drawing
 
 
 def _baseline_mean(results: dict, stage_id: str) -> tuple[str, float] | None:

@@ -24,10 +24,11 @@ from ..records import RunSummary, load_summary
 from ..rundir import SUMMARY_FILE, atomic_write_json, atomic_write_text
 from .folder import DEFINITION_FILE as SWEEP_FILE
 from .folder import STATE_FILE, run_key
+from .methods import aggregate_methods, has_chains, method_rows
 from .stats import describe, paired_comparison
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "results.json", "results.csv", "results.md"
-METRICS = ("test_acc", "best_val_acc", "time_s")  # StageResult fields aggregated over the seeds
+METRICS = ("test_acc", "best_val_acc", "time_s", "train_macs")  # StageResult fields aggregated over the seeds
 NOTE = ("mean ± std over the seeds with a finished run (std: sample standard deviation, - for one seed); "
         "Δ: test accuracy minus the baseline's, in points, paired by seed, with its 95 % t-interval and "
         "the paired t-test's p-value.")
@@ -105,6 +106,7 @@ def collect_results(folder: str) -> dict:
             "overrides": dict(cell.get("overrides") or {}),
             "seeds": list(summaries),
             "stages": _aggregate_stages(summaries),
+            "methods": aggregate_methods(summaries),
             "failed": failed,
             "missing": missing,
         })
@@ -241,9 +243,25 @@ def problem_lines(results: dict) -> list[str]:
     return lines
 
 
+def methods_table_rows(results: dict) -> list[dict[str, str]]:
+    """By method (a recipe entry: its final stage, its summed cost), when a method has several stages."""
+    if not has_chains(results):
+        return []
+    return method_rows(results, format_mean_std, format_comparison, format_count)
+
+
+METHOD_RIGHT = {"params", "stages", "epochs", "n", "test % (mean ± std)", "train MACs", "time"}
+METHODS_NOTE = ("by method: a recipe entry with all the stages its scheme planned; accuracy and Δ of its final stage; "
+                "train MACs: its stages' training cost summed (student forward + backward ~ 3x forward, plus the "
+                "teachers' forward passes, per training image and epoch), time: its stages' wall time summed (means over seeds).")
+
+
 def format_results(results: dict) -> str:
     """The console view: a head line, the table, the note, failed and unfinished runs."""
     lines = [head_line(results), format_table(table_rows(results), right=RIGHT), NOTE]
+    methods = methods_table_rows(results)
+    if methods:
+        lines += ["", format_table(methods, right=METHOD_RIGHT), METHODS_NOTE]
     return "\n".join(lines + problem_lines(results))
 
 
@@ -251,6 +269,9 @@ def format_results_markdown(results: dict) -> str:
     problems = problem_lines(results)
     lines = [f"# {results.get('name')}", "", head_line(results), "",
              format_markdown_table(table_rows(results), right=RIGHT), "", NOTE]
+    methods = methods_table_rows(results)
+    if methods:
+        lines += ["", "## By method", "", format_markdown_table(methods, right=METHOD_RIGHT), "", METHODS_NOTE]
     if problems:
         lines += ["", *(f"- {line}" for line in problems)]
     return "\n".join(lines) + "\n"
