@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import pytest
 from conftest import TINY_RECIPE
 from pyramidkd import testing
 from pyramidkd.engine import JobOutcome, LaunchContext, RecipeError, RunJob, UserError
-from pyramidkd.plugins.launchers import local, ray_cluster, slurm
+from pyramidkd.plugins.launchers import local, slurm
 
 # Loaded by the recipes below from their folder: the probe records what the run's
 # process saw; seed 1 exits with code 3, seed 2 kills itself, seed 5 trains until stopped.

@@ -179,3 +179,10 @@ def test_dry_run_lists_cells_and_runs_and_creates_nothing(cli, tmp_path):
     assert "stages.student-kd.loss.temperature=8.0" in result.out
     assert "compared with (paired by seed): temperature=4.0" in result.out
     assert not out.exists()
+
+
+def test_a_misspelt_baseline_stage_is_refused(sweep_file, cli, tmp_path):
+    path = sweep_file('[sweep]\nname = "t"\nrecipe = "tiny.toml"\nbaseline = { stage = "studnet" }\n')
+    result = cli("sweep", path, "--dry-run", "--output", tmp_path / "out")
+    assert result.code == 1 and "sweep.baseline" in result.err and "'studnet' is not a stage" in result.err
+    assert "did you mean 'student'" in result.err

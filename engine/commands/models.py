@@ -11,8 +11,6 @@ import argparse
 import json
 
 import attrs
-import torch
-from torch import nn
 
 from ..errors import UserError
 from ..formatting import format_count, format_table

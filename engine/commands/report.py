@@ -28,7 +28,7 @@ import re
 import tomllib
 from typing import Sequence
 
-from ..errors import RunDirectoryError, UserError
+from ..errors import UserError
 from ..formatting import format_count, format_markdown_table, format_number, percent
 from ..records import EpochRecord, RunSummary, StageResult, load_summary, read_metrics
 
@@ -97,8 +97,7 @@ def stage_macs(run_dir: str, stage: StageResult, host) -> tuple[int | None, str 
     """MACs of the stage's best model for one input (rebuilt from its checkpoint),
     or None and the reason."""
     from ..training.checkpoints import load_checkpoint
-    from ..training.models import model_from_checkpoint
-    from ..training.models import count_macs
+    from ..training.models import count_macs, model_from_checkpoint
 
     if not stage.checkpoint:
         return None, f"stage {stage.stage!r}: no checkpoint recorded"

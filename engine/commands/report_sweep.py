@@ -13,6 +13,7 @@ references, the seeds' training curves overlaid), with the failed runs as notes.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, Sequence
 
@@ -62,9 +63,11 @@ def plot_accuracy_vs_cost(results: dict):
     scale), mean with std error bars on both axes: what each method's accuracy cost."""
     from .plots import figure
 
-    drawing = figure(8.0, 5.2)
+    drawing = figure(9.0, 5.6)
     axes = drawing.subplots()
+    colors = matplotlib_colors(sum(len(cell.get("methods") or {}) for cell in results["cells"]))
     several_cells = len(results["cells"]) > 1
+    placed: list[tuple[float, float]] = []
     for cell in results["cells"]:
         for entry, method in (cell.get("methods") or {}).items():
             final = cell["stages"].get(method["final_stage"])
@@ -72,13 +75,17 @@ def plot_accuracy_vs_cost(results: dict):
             if not final or final["test_acc"]["mean"] is None or cost["mean"] is None:
                 continue
             label = f"{cell['id']}: {entry}" if several_cells else entry
-            axes.errorbar([cost["mean"]], [percent(final["test_acc"]["mean"])], xerr=[cost["std"] or 0.0],
-                          yerr=[percent(final["test_acc"]["std"]) or 0.0], fmt="o", capsize=4, label=label)
+            x, y = cost["mean"], percent(final["test_acc"]["mean"])
+            axes.errorbar([x], [y], xerr=[cost["std"] or 0.0], yerr=[percent(final["test_acc"]["std"]) or 0.0], fmt="o",
+                          capsize=4, color=next(colors))
+            # Labels instead of a legend; a label near an earlier one moves down a line.
+            near = sum(abs(math.log10(x) - px) < 0.08 and abs(y - py) < 2.0 for px, py in placed)
+            placed.append((math.log10(x), y))
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(7, 3 - 11 * near), fontsize="small")
     axes.set_xscale("log")
-    axes.set(xlabel="total training cost (MACs, log scale)", ylabel="final test accuracy (%)",
+    axes.set(xlabel="training cost of the method's own stages (MACs, log scale)", ylabel="final test accuracy (%)",
              title=f"{results.get('name')}: accuracy vs training cost (mean ± std over seeds)")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small", loc="best")
     drawing.tight_layout()
     return drawing
 
@@ -122,6 +129,18 @@ def plot_sweep_stage(results: dict, stage_id: str):
     axes.legend(fontsize="small")
     drawing.tight_layout()  # room for the cell labels, however long
     return drawing
+
+
+def matplotlib_colors(count: int):
+    """``count`` distinct colours (tab10, or tab20 beyond ten), one after another."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        palette = colormaps["tab10"].colors
+    else:  # tab20's dark shades first
+        tab20 = colormaps["tab20"].colors
+        palette = tab20[0::2] + tab20[1::2]
+    return iter(palette[i % len(palette)] for i in range(max(count, 1)))
 
 
 def _spread(count: int) -> Sequence[float]:

@@ -47,17 +47,20 @@ def method_rows(results: dict, format_mean_std, format_comparison, format_count)
     from ..formatting import format_duration
 
     rows = []
+    several_cells = len(results["cells"]) > 1
     for cell in results["cells"]:
         for entry, method in (cell.get("methods") or {}).items():
             final = cell["stages"].get(method["final_stage"]) or {}
-            row = {"cell": cell["id"] or "-", "method": entry, "final stage": method["final_stage"],
-                   "model": final.get("model") or "-", "params": format_count(final.get("params")),
-                   "stages": str(len(method["stages"])), "epochs": str(method["epochs"]),
-                   "n": str((final.get("test_acc") or {}).get("n", 0)),
-                   "test % (mean ± std)": format_mean_std(final.get("test_acc"))}
+            row = {"cell": cell["id"] or "-"} if several_cells else {}
+            row |= {"method": entry, "final stage": method["final_stage"],
+                    "model": final.get("model") or "-", "params": format_count(final.get("params")),
+                    "stages": str(len(method["stages"])), "epochs": str(method["epochs"]),
+                    "n": str((final.get("test_acc") or {}).get("n", 0)),
+                    "test % (mean ± std)": format_mean_std(final.get("test_acc"))}
             for baseline in results["baselines"]:
                 comparison = (final.get("vs") or {}).get(baseline["label"])
-                row[f"Δ vs {baseline['label']}"] = format_comparison(comparison)
+                itself = baseline.get("cell") in (None, cell["id"]) and baseline.get("stage") == method["final_stage"]
+                row[f"Δ vs {baseline['label']}"] = "(baseline)" if itself and comparison is None else format_comparison(comparison)
             cost, time = method["train_macs"], method["time_s"]
             row["train MACs"] = format_count(cost["mean"]) if cost["mean"] is not None else "-"
             row["time"] = format_duration(time["mean"]) if time["mean"] is not None else "-"

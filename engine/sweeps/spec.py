@@ -15,7 +15,6 @@ from typing import Any
 import attrs
 
 from ..components import ComponentSpec
-from ..errors import RecipeError
 from ..recipe import STAGE_ID, format_key_path, format_override, parse_key_path, read_toml
 from ..validation import FieldValueError, Structurer
 

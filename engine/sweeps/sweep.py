@@ -6,18 +6,20 @@ aggregate the results.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import sys
 from typing import Any, TextIO
 
 import attrs
 
-from ..errors import UserError
+from ..components import LaunchContext
+from ..errors import RecipeError, UserError
 from ..formatting import format_table
 from ..recipe import dump_toml, load_recipe
 from ..runner import PreparedRun, dataset_context, prepare
 from ..training.fingerprint import Fingerprints
-from ..components import LaunchContext
 from .folder import SCRATCH, SweepFolder, run_key
 from .jobs import JobOutcome, RunJob
 from .progress import LiveView, TrackedRun
@@ -63,8 +65,25 @@ def check_cells(plan: SweepPlan, max_epochs: int | None = None) -> dict[str, Pre
         except UserError as error:
             origin = f"cell {cell.id!r} of {plan.file} ([sweep] recipe {cell.recipe!r}"
             origin += f" with {', '.join(cell.override_args())})" if cell.overrides else ")"
-            raise type(error)(f"{origin}: {error.message}", file=error.file, key=error.key, fix=error.fix) from error
+            error.message = f"{origin}: {error.message}"  # the same error (type, file, key, fix), its cell named
+            error.args = (error.message,)
+            raise
+    _check_baseline_stages(plan, prepared)
     return prepared
+
+
+def _check_baseline_stages(plan: SweepPlan, prepared: dict[str, PreparedRun]) -> None:
+    """A baseline's ``stage`` must be a stage its cell plans (a typo would compare nothing)."""
+    for baseline in plan.baselines:
+        if baseline.stage is None:
+            continue
+        cells = [baseline.cell] if baseline.cell else [cell.id for cell in plan.cells]
+        known = list(dict.fromkeys(stage.id for cell in cells for stage in prepared[cell].stages))
+        if baseline.stage not in known:
+            close = difflib.get_close_matches(baseline.stage, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"the baseline stage {baseline.stage!r} is not a stage of {', '.join(cells)}; stages: {', '.join(known)}",
+                              file=plan.file, key="sweep.baseline", fix=f"{hint}name one of the stages listed")
 
 
 def plan_runs(plan: SweepPlan, folder: SweepFolder, prepared: dict[str, PreparedRun]) -> list[PlannedRun]:
@@ -82,8 +101,6 @@ def plan_runs(plan: SweepPlan, folder: SweepFolder, prepared: dict[str, Prepared
 def _status(run: PlannedRun, cell_plan: PreparedRun) -> str:
     """"finished" only when the folder's recipe and every stage's fingerprint match
     what this sweep would run: a changed recipe file or checkpoint runs again."""
-    import json
-
     if not os.path.exists(os.path.join(run.folder, "recipe.toml")):
         return "new"
     try:
@@ -150,7 +167,7 @@ def execute(plan: SweepPlan, folder: SweepFolder, runs: list[PlannedRun], *, for
         context = LaunchContext(folder.path, folder.file(SCRATCH), plan.name)
         os.makedirs(context.scratch, exist_ok=True)
         with LiveView(plan.name, tracked, stream) as view:
-            print(f"launching {len(jobs)} run(s): {launcher.describe()}", file=stream)
+            view.say(f"launching {len(jobs)} run(s): {launcher.describe()}")
 
             def on_done(result: JobOutcome) -> None:
                 run = by_key[result.key]
