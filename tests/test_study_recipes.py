@@ -37,3 +37,36 @@ def test_published_scale_studies_validate_as_one_command(dataset, tmp_path, cli)
     for entry in ("teacher:", "svgg5:", "kd-svgg5:", "fitnet-forward.svgg5:", "gram-forward.svgg5:", "chain.svgg5:",
                   "forward-mse.svgg5:", "forward-gram.svgg5:", "backward-mse.svgg5:", "backward-gram.svgg5:"):
         assert f"  {entry}" in checked.out, entry
+
+
+DOCS = RECIPES.parent / "docs" / "results"
+
+
+def _table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_the_committed_cifar10_study_json_and_markdown_agree():
+    """docs/results/cifar10-study.md shows the table the committed results.json gives
+    (regenerated here, row for row), and the README's headline rows are rows of it."""
+    import json
+
+    from pyramidkd.engine.formatting import format_markdown_table
+    from pyramidkd.engine.sweeps.results import METHOD_RIGHT, methods_table_rows
+
+    results = json.loads((DOCS / "cifar10-study.json").read_text())
+    assert results["name"] == "cifar10-study" and results["seeds"] == [0, 1, 2, 3]
+    cell = results["cells"][0]
+    assert cell["seeds"] == [0, 1, 2, 3] and not cell["failed"] and not cell["missing"]
+    table = format_markdown_table(methods_table_rows(results), right=METHOD_RIGHT)
+    document = (DOCS / "cifar10-study.md").read_text()
+    assert table in document
+    assert "pyramidkd sweep recipes/cifar10-jpeg/study.toml" in document
+    assert (DOCS / "cifar10-study.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    readme = (RECIPES.parent / "README.md").read_text()
+    results_section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
+    headline = _table_lines(results_section)[2:]  # past the header and its rule
+    assert headline, "the README's Results section has no table"
+    rows = set(_table_lines(table))
+    for line in headline:
+        assert line in rows, f"README row not in the study's table: {line}"
