@@ -213,11 +213,36 @@ class RunDirectory:
 
 
 
+LOCK_OWNER = "pid {pid} on {host}"  # what a held lock file says
+
+
+def lock_held(path: str) -> bool:
+    """Whether the lock file ``path`` names a holder that may still run: a process
+    killed on this host leaves its name behind, so a local pid is checked too.
+    (Taking the lock to test it could make its owner, starting that instant,
+    find the folder busy.)"""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            owner = handle.read().split()
+    except OSError:
+        return False
+    if len(owner) == 4 and owner[0] == "pid" and owner[3] == socket.gethostname():
+        try:
+            os.kill(int(owner[1]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError):
+            return True
+    return bool(owner)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str, name: str, busy: str, fix: str):
     """Hold the flock file ``folder/name`` (released by the kernel if the process
     dies, so a stale lock from a dead process is simply taken over); ``busy`` and
     ``fix`` make the error when another live process holds it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunDirectoryError("exists and is not a folder", file=folder, fix="choose another --output")
     try:
         os.makedirs(folder, exist_ok=True)
         handle = open(os.path.join(folder, name), "a+", encoding="utf-8")
@@ -236,7 +261,7 @@ def folder_lock(folder: str, name: str, busy: str, fix: str):
             log.info("taking over a stale lock (%s, no longer running)", stale)
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.write(LOCK_OWNER.format(pid=os.getpid(), host=socket.gethostname()))
         handle.flush()
         try:
             yield

@@ -211,3 +211,24 @@ def test_a_sigkilled_sweep_ends_with_the_figures_of_an_uninterrupted_one(six_epo
     result = cli("sweep", path, "--output", out)
     assert result.code == 0, result.err
     assert figures(out / "results.json") == figures(reference / "results.json")
+
+
+def test_a_lock_counts_as_held_while_its_process_lives(tmp_path):
+    """The live view's 'running': a lock file naming a live process (or one on another
+    host, which cannot be checked); not an empty one, nor one a killed local process left."""
+    import socket
+
+    from pyramidkd.engine.rundir import LOCK_OWNER, lock_held
+
+    lock = tmp_path / ".lock"
+    assert not lock_held(str(lock))
+    lock.write_text("")
+    assert not lock_held(str(lock))
+    lock.write_text(LOCK_OWNER.format(pid=os.getpid(), host=socket.gethostname()))
+    assert lock_held(str(lock))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(LOCK_OWNER.format(pid=gone.pid, host=socket.gethostname()))
+    assert not lock_held(str(lock))
+    lock.write_text(LOCK_OWNER.format(pid=gone.pid, host="another-node"))
+    assert lock_held(str(lock))

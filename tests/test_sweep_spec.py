@@ -186,3 +186,10 @@ def test_a_misspelt_baseline_stage_is_refused(sweep_file, cli, tmp_path):
     result = cli("sweep", path, "--dry-run", "--output", tmp_path / "out")
     assert result.code == 1 and "sweep.baseline" in result.err and "'studnet' is not a stage" in result.err
     assert "did you mean 'student'" in result.err
+
+
+def test_an_output_that_is_a_file_is_refused(sweep_file, cli, tmp_path):
+    path = sweep_file('[sweep]\nname = "t"\nrecipe = "tiny.toml"\n')
+    (tmp_path / "taken").write_text("")
+    result = cli("sweep", path, "--output", tmp_path / "taken")
+    assert result.code == 1 and "taken: exists and is not a folder" in result.err and "fix: choose another --output" in result.err

@@ -39,30 +39,3 @@ def aggregate_methods(summaries: dict[int, RunSummary]) -> dict[str, dict]:
 def has_chains(results: dict) -> bool:
     """Whether any method of the sweep has more than one stage (then a table by method says more)."""
     return any(len(method["stages"]) > 1 for cell in results["cells"] for method in (cell.get("methods") or {}).values())
-
-
-def method_rows(results: dict, format_mean_std, format_comparison, format_count) -> list[dict[str, str]]:
-    """One row per cell x method: the final stage's accuracy and comparisons, the
-    method's total cost and time (the formatters are the results table's)."""
-    from ..formatting import format_duration
-
-    rows = []
-    several_cells = len(results["cells"]) > 1
-    for cell in results["cells"]:
-        for entry, method in (cell.get("methods") or {}).items():
-            final = cell["stages"].get(method["final_stage"]) or {}
-            row = {"cell": cell["id"] or "-"} if several_cells else {}
-            row |= {"method": entry, "final stage": method["final_stage"],
-                    "model": final.get("model") or "-", "params": format_count(final.get("params")),
-                    "stages": str(len(method["stages"])), "epochs": str(method["epochs"]),
-                    "n": str((final.get("test_acc") or {}).get("n", 0)),
-                    "test % (mean ± std)": format_mean_std(final.get("test_acc"))}
-            for baseline in results["baselines"]:
-                comparison = (final.get("vs") or {}).get(baseline["label"])
-                itself = baseline.get("cell") in (None, cell["id"]) and baseline.get("stage") == method["final_stage"]
-                row[f"Δ vs {baseline['label']}"] = "(baseline)" if itself and comparison is None else format_comparison(comparison)
-            cost, time = method["train_macs"], method["time_s"]
-            row["train MACs"] = format_count(cost["mean"]) if cost["mean"] is not None else "-"
-            row["time"] = format_duration(time["mean"]) if time["mean"] is not None else "-"
-            rows.append(row)
-    return rows

@@ -7,7 +7,6 @@ so it works the same for child processes, Ray tasks and Slurm jobs.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import TextIO
 import attrs
 
 from ..formatting import format_duration, is_terminal
-from ..rundir import LOCK_FILE
+from ..rundir import LOCK_FILE, lock_held
 
 
 @attrs.define
@@ -37,23 +36,8 @@ def epochs_done(folder: str) -> int:
 
 
 def is_running(folder: str) -> bool:
-    """Whether a process holds the run's lock: its ``.lock`` names it ("pid N on
-    HOST") while it runs; a process killed on this host leaves its name behind,
-    so a local pid is checked too. (Taking the lock to test it could make the
-    run itself, starting that instant, find its folder busy.)"""
-    try:
-        with open(os.path.join(folder, LOCK_FILE), encoding="utf-8") as handle:
-            owner = handle.read().split()
-    except OSError:
-        return False
-    if len(owner) == 4 and owner[0] == "pid" and owner[3] == socket.gethostname():
-        try:
-            os.kill(int(owner[1]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, ValueError):
-            return True
-    return bool(owner)
+    """Whether a process holds the run's lock (``.lock`` names it while it runs)."""
+    return lock_held(os.path.join(folder, LOCK_FILE))
 
 
 class LiveView:

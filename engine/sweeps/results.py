@@ -19,12 +19,12 @@ import os
 from typing import Any, Iterator
 
 from ..errors import RunDirectoryError
-from ..formatting import format_count, format_markdown_table, format_number, format_table, percent
+from ..formatting import format_count, format_duration, format_markdown_table, format_number, format_table, percent
 from ..records import RunSummary, load_summary
 from ..rundir import SUMMARY_FILE, atomic_write_json, atomic_write_text
 from .folder import DEFINITION_FILE as SWEEP_FILE
 from .folder import STATE_FILE, run_key
-from .methods import aggregate_methods, has_chains, method_rows
+from .methods import aggregate_methods, has_chains
 from .stats import describe, paired_comparison
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "results.json", "results.csv", "results.md"
@@ -243,11 +243,34 @@ def problem_lines(results: dict) -> list[str]:
     return lines
 
 
+def method_rows(results: dict) -> list[dict[str, str]]:
+    """One row per cell x method: the final stage's accuracy and comparisons, the
+    method's total cost and time."""
+    rows = []
+    several_cells = len(results["cells"]) > 1
+    for cell in results["cells"]:
+        for entry, method in (cell.get("methods") or {}).items():
+            final = cell["stages"].get(method["final_stage"]) or {}
+            row = {"cell": cell["id"] or "-"} if several_cells else {}
+            row |= {"method": entry, "final stage": method["final_stage"],
+                    "model": final.get("model") or "-", "params": format_count(final.get("params")),
+                    "stages": str(len(method["stages"])), "epochs": str(method["epochs"]),
+                    "n": str((final.get("test_acc") or {}).get("n", 0)),
+                    "test % (mean ± std)": format_mean_std(final.get("test_acc"))}
+            for baseline in results["baselines"]:
+                comparison = (final.get("vs") or {}).get(baseline["label"])
+                itself = comparison is None and is_reference(baseline, cell["id"], method["final_stage"])
+                row[f"Δ vs {baseline['label']}"] = "(baseline)" if itself else format_comparison(comparison)
+            cost, time = method["train_macs"], method["time_s"]
+            row["train MACs"] = format_count(cost["mean"]) if cost["mean"] is not None else "-"
+            row["time"] = format_duration(time["mean"]) if time["mean"] is not None else "-"
+            rows.append(row)
+    return rows
+
+
 def methods_table_rows(results: dict) -> list[dict[str, str]]:
     """By method (a recipe entry: its final stage, its summed cost), when a method has several stages."""
-    if not has_chains(results):
-        return []
-    return method_rows(results, format_mean_std, format_comparison, format_count)
+    return method_rows(results) if has_chains(results) else []
 
 
 METHOD_RIGHT = {"params", "stages", "epochs", "n", "test % (mean ± std)", "train MACs", "time"}
