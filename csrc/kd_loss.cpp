@@ -70,8 +70,10 @@ KdLossPlan make_plan(
   plan.grad_teacher = grad_teacher;
   if (labels.has_value() && labels->defined()) {
     const auto& l = *labels;
-    // Label values are checked where they are read (CPU: TORCH_CHECK, CUDA:
-    // device assert), since checking them here would sync with the GPU.
+    // Label values are checked where they are read (CPU: TORCH_CHECK; CUDA:
+    // the row's loss and gradient become NaN -- a device assert would be
+    // sticky and kill the context), since checking them here would sync
+    // with the GPU.  The data loaders validate labels once, up front.
     PYRAMIDKD_SAFETY_CHECK(l.dim() == 1 && l.size(0) == plan.B);
     PYRAMIDKD_SAFETY_CHECK(l.scalar_type() == at::kLong);
     PYRAMIDKD_SAFETY_CHECK(l.device() == student.device());
@@ -86,6 +88,18 @@ KdLossPlan make_plan(
   return plan;
 }
 
+at::ScalarType stats_dtype(at::ScalarType logits) {
+  return logits == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_bwd_buffers(
+    const at::Tensor& grad_loss, const at::Tensor& row_stats, const KdLossPlan& plan, const at::Tensor& like) {
+  PYRAMIDKD_SAFETY_CHECK(grad_loss.numel() == 1 && grad_loss.device() == like.device());
+  PYRAMIDKD_SAFETY_CHECK(row_stats.dim() == 2 && row_stats.size(0) == plan.B && row_stats.size(1) == kStatsCols);
+  PYRAMIDKD_SAFETY_CHECK(row_stats.is_contiguous() && row_stats.device() == like.device());
+  PYRAMIDKD_SAFETY_CHECK(row_stats.scalar_type() == stats_dtype(like.scalar_type()));
+}
+
 #undef PYRAMIDKD_SAFETY_CHECK
 
 at::Tensor empty_grad(const at::Tensor& like) {
@@ -93,16 +107,34 @@ at::Tensor empty_grad(const at::Tensor& like) {
 }
 
 TORCH_LIBRARY(pyramidkd, m) {
-  // Returns (loss, grad_student, grad_teacher).  The loss is a 0-dim tensor of
-  // the logits' dtype (accumulated in fp32, or fp64 for fp64 logits).  The
-  // gradients of the loss w.r.t. the logits are computed in the same pass
-  // when requested, as contiguous [B, C] tensors; otherwise they are empty
-  // ([0]) placeholders.  The autograd formulas (the C++ node of kd_loss and
-  // the Python kernel of this op) only scale them by grad_output.
+  // Returns (loss, grad_student, grad_teacher).  The loss is a 0-dim float32
+  // tensor (float64 for float64 logits): fp16/bf16 logits are accumulated and
+  // reduced in fp32, and an fp32 loss is what eager autocast returns and what
+  // GradScaler needs (its 65536 overflows fp16).  The gradients of the loss
+  // w.r.t. the logits (grad_output = 1) are returned when requested, as
+  // contiguous [B, C] tensors of the logits' dtype; otherwise they are empty
+  // ([0]) placeholders.  The Python autograd kernel of this op scales them.
   m.def(
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, "
       "float temperature, float alpha, int ignore_index, "
       "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // The differentiable entry point (autograd kernel in kd_loss_autograd.cpp).
+  m.def(
+      "kd_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
+      "float alpha, int ignore_index) -> Tensor");
+  // kd_loss on CUDA, split at the autograd boundary: the forward returns the
+  // loss and [B, 8] row statistics (reads s and t once); the backward
+  // recomputes the gradients from s, t and the statistics and multiplies by
+  // grad_loss inside the kernel, reading it on the device.  The CPU kernels
+  // exist for opcheck and device-generic callers: stats are zeros there and
+  // the backward recomputes everything.
+  m.def(
+      "kd_loss_stats(Tensor student, Tensor teacher, Tensor? labels, "
+      "float temperature, float alpha, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "kd_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, "
+      "Tensor row_stats, float temperature, float alpha, int ignore_index, "
+      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
 }
 
 }  // namespace pyramidkd

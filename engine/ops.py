@@ -7,12 +7,15 @@ shape ``[B, C]`` with ``p = softmax(t / T)`` and ``q = softmax(s / T)``::
     loss = KD                                              # labels is None
     loss = alpha * KD + (1 - alpha) * CE(s, labels)        # with labels
 
-in one pass of a C++ (CPU) or CUDA kernel: the custom operator
+with fused C++ (CPU) or CUDA kernels: the custom operator
 ``torch.ops.pyramidkd.kd_loss_fwd`` returns the loss together with its
-gradients w.r.t. the logits that require grad, and the backward only scales
-those by ``grad_output``.  ``kd_loss`` calls ``torch.ops.pyramidkd.kd_loss``,
-whose autograd kernel (C++, for low per-call overhead) wraps ``kd_loss_fwd``;
-fake kernels for both ops and the Python autograd kernel of ``kd_loss_fwd``
+gradients w.r.t. the logits that require grad.  ``kd_loss`` calls
+``torch.ops.pyramidkd.kd_loss``, whose autograd kernel (C++, for low per-call
+overhead) wraps ``kd_loss_fwd`` on the CPU (the backward scales the saved
+gradients) and, on CUDA, ``kd_loss_stats`` (loss + per-row statistics) and
+``kd_loss_bwd`` (the gradients recomputed, scaled by ``grad_output`` inside
+the kernel).  The loss is float32 (float64 for float64 logits).
+fake kernels for the ops and the Python autograd kernel of ``kd_loss_fwd``
 (for direct calls of the primitive, torch.compile / torch.export / opcheck)
 are registered below.  Teacher logits that require grad get correct
 gradients too.  ``kd_loss_eager`` is the plain-PyTorch reference with the same
@@ -70,7 +73,7 @@ def _load_extension() -> str | None:
         )
     except OSError as exc:  # e.g. undefined symbols after a torch upgrade
         return f"the compiled extension pyramidkd._C failed to load ({exc}); rebuild it against this torch"
-    for name in ("kd_loss_fwd", "kd_loss"):
+    for name in ("kd_loss_fwd", "kd_loss", "kd_loss_stats", "kd_loss_bwd"):
         if not hasattr(torch.ops.pyramidkd, name):
             return f"pyramidkd._C was imported but did not register torch.ops.pyramidkd.{name}"
     return None
@@ -185,7 +188,8 @@ def kd_loss(
     alpha: float = 1.0,
     ignore_index: int = -100,
 ) -> Tensor:
-    """Fused KD loss (see the module docstring); returns a 0-dim tensor of the logits' dtype.
+    """Fused KD loss (see the module docstring); returns a 0-dim float32 tensor
+    (float64 for float64 logits; fp16/bf16 logits give an fp32 loss, as under autocast).
 
     Raises ``FusedOpUnavailable`` when the extension is not built.
     """
@@ -226,6 +230,22 @@ def kd_loss_eager(
     return alpha * kd + (1.0 - alpha) * (ce_sum / n_valid)
 
 
+_STATS_COLS = 8  # kStatsCols in csrc/kd_loss.h
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    """The op's loss dtype: float64 for float64 logits, else float32 (as eager autocast)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad * grad_loss in the loss' precision, then rounded to grad's dtype: a
+    device tensor would be cast to fp16 first, where GradScaler's 65536 is inf."""
+    if grad.dtype == grad_loss.dtype:
+        return grad_loss * grad
+    return (grad.to(grad_loss.dtype) * grad_loss).to(grad.dtype)
+
+
 # --------------------------------------------------------------------------
 # torch.library registrations, only when the extension defined the ops: fake
 # kernels (torch.compile / export) and the autograd kernel of kd_loss_fwd.
@@ -238,7 +258,7 @@ if _UNAVAILABLE_REASON is None:
     @torch.library.register_fake("pyramidkd::kd_loss_fwd")
     def _kd_loss_fwd_fake(student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher):
         _check_op_args(student, teacher, labels, temperature, alpha)
-        loss = student.new_empty(())
+        loss = student.new_empty((), dtype=_loss_dtype(student))
         gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
         gt = student.new_empty(student.shape) if grad_teacher else student.new_empty((0,))
         return loss, gs, gt
@@ -246,7 +266,24 @@ if _UNAVAILABLE_REASON is None:
     @torch.library.register_fake("pyramidkd::kd_loss")
     def _kd_loss_fake(student, teacher, labels, temperature, alpha, ignore_index):
         _check_op_args(student, teacher, labels, temperature, alpha)
-        return student.new_empty(())
+        return student.new_empty((), dtype=_loss_dtype(student))
+
+    # The CUDA training path of kd_loss (csrc/kd_loss_autograd.cpp): loss and
+    # [B, 8] row statistics, then the gradient kernel scaled by grad_loss.
+    @torch.library.register_fake("pyramidkd::kd_loss_stats")
+    def _kd_loss_stats_fake(student, teacher, labels, temperature, alpha, ignore_index):
+        _check_op_args(student, teacher, labels, temperature, alpha)
+        dtype = _loss_dtype(student)
+        return student.new_empty((), dtype=dtype), student.new_empty((student.shape[0], _STATS_COLS), dtype=dtype)
+
+    @torch.library.register_fake("pyramidkd::kd_loss_bwd")
+    def _kd_loss_bwd_fake(
+        grad_loss, student, teacher, labels, row_stats, temperature, alpha, ignore_index, grad_student, grad_teacher
+    ):
+        _check_op_args(student, teacher, labels, temperature, alpha)
+        gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+        gt = student.new_empty(student.shape) if grad_teacher else student.new_empty((0,))
+        return gs, gt
 
     # Autograd of the primitive kd_loss_fwd.  The kd_loss op has the same
     # formula as a C++ node (csrc/kd_loss_autograd.cpp): that is the fast
@@ -283,8 +320,8 @@ if _UNAVAILABLE_REASON is None:
             )
         else:
             gs, gt = ctx.saved_tensors
-        grad_s = grad_loss * gs if need_s else None
-        grad_t = grad_loss * gt if need_t else None
+        grad_s = _scaled(gs, grad_loss) if need_s else None
+        grad_t = _scaled(gt, grad_loss) if need_t else None
         return grad_s, grad_t, None, None, None, None, None, None
 
     # What torch.library.register_autograd builds (torch's private helper),

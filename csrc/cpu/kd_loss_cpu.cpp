@@ -261,8 +261,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   }
   double loss = plan.kd_weight * temperature * temperature * kl_sum / static_cast<double>(B);
   if (plan.use_ce && n_valid > 0) loss += plan.ce_weight * ce_sum / static_cast<double>(n_valid);
-  at::Tensor out = at::scalar_tensor(loss, s.options());
+  at::Tensor out = at::scalar_tensor(loss, s.options().dtype(stats_dtype(s.scalar_type())));
   return std::make_tuple(out, gs, gt);
+}
+
+// The CUDA training path's two ops, for the CPU: there are no statistics to
+// keep (zeros of the documented shape), and the backward recomputes the
+// gradients with the kernel above and scales them by grad_loss.
+std::tuple<at::Tensor, at::Tensor> kd_loss_stats_cpu(
+    const at::Tensor& student,
+    const at::Tensor& teacher,
+    const std::optional<at::Tensor>& labels,
+    double temperature,
+    double alpha,
+    int64_t ignore_index) {
+  at::Tensor loss = std::get<0>(
+      kd_loss_fwd_cpu(student, teacher, labels, temperature, alpha, ignore_index, false, false));
+  return std::make_tuple(loss, at::zeros({student.size(0), kStatsCols}, loss.options()));
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(
+    const at::Tensor& grad_loss,
+    const at::Tensor& student,
+    const at::Tensor& teacher,
+    const std::optional<at::Tensor>& labels,
+    const at::Tensor& row_stats,
+    double temperature,
+    double alpha,
+    int64_t ignore_index,
+    bool grad_student,
+    bool grad_teacher) {
+  const KdLossPlan plan = make_plan(
+      student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher);
+  check_bwd_buffers(grad_loss, row_stats, plan, student);
+  auto [loss, gs, gt] = kd_loss_fwd_cpu(
+      student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher);
+  // A 0-dim CPU tensor multiplies as a scalar in the op's float math, so an
+  // fp32 grad_loss of 65536 does not overflow fp16 gradients.
+  const at::Tensor g = grad_loss.reshape({});
+  if (grad_student) gs.mul_(g);
+  if (grad_teacher) gt.mul_(g);
+  return std::make_tuple(gs, gt);
 }
 
 // Name of the vectorised kernel in use (for benchmarks and bug reports).
@@ -272,6 +311,8 @@ std::string kd_loss_cpu_kernel_name() {
 
 TORCH_LIBRARY_IMPL(pyramidkd, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_stats", &kd_loss_stats_cpu);
+  m.impl("kd_loss_bwd", &kd_loss_bwd_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(pyramidkd, m) {

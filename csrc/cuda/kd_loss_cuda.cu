@@ -1,18 +1,32 @@
-// CUDA implementation of pyramidkd::kd_loss_fwd.
+// CUDA implementation of pyramidkd::kd_loss_fwd, kd_loss_stats and kd_loss_bwd.
 //
-// Each row is reduced with a single online pass over s and t that keeps, per
-// thread, the running maxima of s and t and the sums (relative to them)
-//     Zs = sum e^v,  Zt = sum e^u,  W = sum e^u (u - v),  Zr = sum e^(s - max s)
-// with u = (t - max t)/T and v = (s - max s)/T; when a maximum grows the sums
-// are rescaled, and per-thread states are merged the same way (warp
-// butterflies, then across warps through shared memory).  A second sweep over
-// the row (served from L1/L2) writes the gradients.
+// Forward (kd_stats_*_kernel): one online pass per row over s and t keeps,
+// per thread, the running maxima and the sums of kd_loss_row.cuh; thread
+// states merge in warp butterflies and, for the block kernel, across warps
+// through shared memory.  The row's merged state and its loss terms go to a
+// [B, 8] "row stats" buffer; one block sums the loss terms in a fixed order.
 //   C <= 1024: one warp per row, 8 rows per 256-thread block;
-//   C >  1024: one block per row.
+//   C >  1024: one block (128..1024 threads) per row.
+// Backward (kd_grad_kernel): an elementwise pass that recomputes the
+// gradient from s, t and the row stats and multiplies it by grad_output,
+// read from device memory -- no saved [B, C] gradient, no second pass to
+// scale it, no host read of grad_output.
+//
+// Bytes each kernel must move (e = bytes per logit; 4 for fp32, 2 for bf16):
+//   stats:    reads 2 B C e (s, t), writes 32 B (fp32 stats)
+//   grad:     reads 2 B C e + 32 B, writes B C e per requested gradient
+//   count / finalize: O(B)
+// so one training step (student gradient only) moves 5 B C e: 2.6 GB at
+// 4096 x 32000 fp32 (1.05 GB forward, 1.57 GB backward); see
+// docs/fused-loss.md for the bandwidth target.
+//
 // Loads are 16-byte vectors (float4 / 8 halves / 2 doubles) with a scalar
 // head and tail when rows are not 16-byte aligned; offsets are int64.
-// Per-row results go to a [B] buffer that one block sums in a fixed order,
-// so results are deterministic (no atomics) and nothing syncs with the host.
+//
+// Host-device synchronisation: none.  Every launch is on the current stream;
+// the valid-label count, grad_output and the loss stay on the device, and a
+// bad label makes its row (so the loss) NaN instead of a device assert,
+// which would kill the CUDA context.
 
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in the
 // cuBLAS/cuSPARSE headers): the sources compile with a bare nvcc toolkit.
@@ -26,101 +40,21 @@
 
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "../kd_loss.h"
+#include "kd_loss_row.cuh"
 
 namespace pyramidkd {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kWarpRowsPerBlock = 8;   // warp-per-row kernel: 8 rows per block
-constexpr int64_t kWarpMaxC = 1024;    // largest C handled by one warp
+using namespace row;
+
+constexpr int kWarpRowsPerBlock = 8;  // warp-per-row kernels: 8 rows per block
+constexpr int64_t kWarpMaxC = 1024;   // largest C handled by one warp
 constexpr int kFinalizeThreads = 512;
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float fast_exp(float x) {
-  return __expf(x);
-}
-__device__ __forceinline__ double fast_exp(double x) {
-  return ::exp(x);
-}
-__device__ __forceinline__ float acc_log(float x) {
-  return ::logf(x);
-}
-__device__ __forceinline__ double acc_log(double x) {
-  return ::log(x);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -INFINITY;
-}
-
-template <typename acc_t>
-struct RowStats {
-  acc_t ms;  // running max of s (raw logits); -inf while empty
-  acc_t mt;  // running max of t
-  acc_t zs;  // sum exp((s - ms) / T)
-  acc_t zt;  // sum exp((t - mt) / T)
-  acc_t w;   // sum exp((t - mt) / T) * ((t - mt) - (s - ms)) / T
-  acc_t zr;  // sum exp(s - ms)               (cross-entropy only)
-};
-
-template <typename acc_t>
-__device__ __forceinline__ RowStats<acc_t> empty_stats() {
-  RowStats<acc_t> st;
-  st.ms = neg_inf<acc_t>();
-  st.mt = neg_inf<acc_t>();
-  st.zs = st.zt = st.w = st.zr = acc_t(0);
-  return st;
-}
-
-// Re-expresses the sums relative to new maxima nms >= ms, nmt >= mt.
-template <typename acc_t>
-__device__ __forceinline__ void rescale(RowStats<acc_t>& st, acc_t nms, acc_t nmt, acc_t inv_T, bool ce) {
-  if (st.ms == neg_inf<acc_t>()) {  // empty
-    st.ms = nms;
-    st.mt = nmt;
-    return;
-  }
-  if (nms == st.ms && nmt == st.mt) return;
-  const acc_t dt = (st.mt - nmt) * inv_T;  // <= 0
-  const acc_t ds = (st.ms - nms) * inv_T;  // <= 0
-  const acc_t at = fast_exp(dt);
-  st.w = at * (st.w + st.zt * (dt - ds));
-  st.zt *= at;
-  st.zs *= fast_exp(ds);
-  if (ce) st.zr *= fast_exp(st.ms - nms);
-  st.ms = nms;
-  st.mt = nmt;
-}
-
-// Symmetric merge (bitwise identical for merge(a, b) and merge(b, a)), so a
-// butterfly leaves every lane with the same state.
-template <typename acc_t>
-__device__ __forceinline__ RowStats<acc_t> merge(RowStats<acc_t> a, RowStats<acc_t> b, acc_t inv_T, bool ce) {
-  if (a.ms == neg_inf<acc_t>()) return b;
-  if (b.ms == neg_inf<acc_t>()) return a;
-  const acc_t nms = a.ms > b.ms ? a.ms : b.ms;
-  const acc_t nmt = a.mt > b.mt ? a.mt : b.mt;
-  rescale(a, nms, nmt, inv_T, ce);
-  rescale(b, nms, nmt, inv_T, ce);
-  a.zs += b.zs;
-  a.zt += b.zt;
-  a.w += b.w;
-  a.zr += b.zr;
-  return a;
-}
+constexpr int kGradThreads = 256;
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename acc_t>
 __device__ __forceinline__ RowStats<acc_t> warp_allreduce(RowStats<acc_t> st, acc_t inv_T, bool ce) {
@@ -138,238 +72,60 @@ __device__ __forceinline__ RowStats<acc_t> warp_allreduce(RowStats<acc_t> st, ac
   return st;
 }
 
-// Adds n (s, t) pairs to the state: one rescale per chunk.
-template <typename acc_t, int N>
-__device__ __forceinline__ void absorb(
-    RowStats<acc_t>& st, const acc_t (&xs)[N], const acc_t (&xt)[N], acc_t inv_T, bool ce) {
-  acc_t cms = xs[0], cmt = xt[0];
-#pragma unroll
-  for (int i = 1; i < N; ++i) {
-    cms = xs[i] > cms ? xs[i] : cms;
-    cmt = xt[i] > cmt ? xt[i] : cmt;
-  }
-  rescale(st, cms > st.ms ? cms : st.ms, cmt > st.mt ? cmt : st.mt, inv_T, ce);
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const acc_t v = (xs[i] - st.ms) * inv_T;
-    const acc_t u = (xt[i] - st.mt) * inv_T;
-    const acc_t eu = fast_exp(u);
-    st.zs += fast_exp(v);
-    st.zt += eu;
-    st.w += eu > acc_t(0) ? eu * (u - v) : acc_t(0);  // teacher -inf (p = 0): no 0 * -inf
-    if (ce) st.zr += fast_exp(xs[i] - st.ms);
-  }
-}
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
-};
-
 template <typename scalar_t>
-struct KdParams {
+struct StatsParams {
+  using acc_t = typename AccType<scalar_t>::type;
   const scalar_t* s;
   const scalar_t* t;
   int64_t s_stride;  // row strides, in elements
   int64_t t_stride;
-  const int64_t* labels;   // nullptr without cross-entropy
-  const int64_t* n_valid;  // device scalar: number of non-ignored labels
+  const int64_t* labels;  // nullptr without cross-entropy
   int64_t ignore_index;
   int64_t B;
   int64_t C;
-  double inv_T;
-  double kd_grad;    // kd_weight * T / B
-  double ce_weight;  // (1 - alpha), divided by n_valid on the device
-  bool use_ce;
-  scalar_t* gs;  // [B, C] contiguous or nullptr
-  scalar_t* gt;
-  typename AccType<scalar_t>::type* row_kl;  // [B]
-  typename AccType<scalar_t>::type* row_ce;  // [B]
-};
-
-// Row layout for VEC-wide accesses: `head` scalar elements up to the first
-// 16-byte boundary, `nvec` packs, then a scalar tail.  The host guarantees
-// that s, t and the gradient rows share the same misalignment.
-struct RowSplit {
-  int64_t head;
-  int64_t nvec;
-  int64_t tail_begin;
-  int64_t n_scalar;  // head + tail length
-};
-
-template <int VEC>
-__device__ __forceinline__ RowSplit split_row(int64_t row, int64_t C) {
-  RowSplit r;
-  if (VEC == 1) {
-    r.head = 0;
-    r.nvec = C;
-    r.tail_begin = C;
-    r.n_scalar = 0;
-    return r;
-  }
-  const int64_t mis = (row * C) % VEC;  // == misalignment of s and t rows too
-  int64_t head = (VEC - mis) % VEC;
-  head = head < C ? head : C;
-  r.head = head;
-  r.nvec = (C - head) / VEC;
-  r.tail_begin = head + r.nvec * VEC;
-  r.n_scalar = head + (C - r.tail_begin);
-  return r;
-}
-
-__device__ __forceinline__ int64_t scalar_index(const RowSplit& r, int64_t k) {
-  return k < r.head ? k : r.tail_begin + (k - r.head);
-}
-
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ RowStats<typename AccType<scalar_t>::type> accumulate_row(
-    const KdParams<scalar_t>& p, int64_t row, const RowSplit& sp, int tid, int nthreads) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const acc_t inv_T = static_cast<acc_t>(p.inv_T);
-  const scalar_t* s = p.s + row * p.s_stride;
-  const scalar_t* t = p.t + row * p.t_stride;
-  RowStats<acc_t> st = empty_stats<acc_t>();
-  for (int64_t j = tid; j < sp.nvec; j += nthreads) {
-    const int64_t c = sp.head + j * VEC;
-    const Pack<scalar_t, VEC> ps = *reinterpret_cast<const Pack<scalar_t, VEC>*>(s + c);
-    const Pack<scalar_t, VEC> pt = *reinterpret_cast<const Pack<scalar_t, VEC>*>(t + c);
-    acc_t xs[VEC], xt[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      xs[i] = static_cast<acc_t>(ps.v[i]);
-      xt[i] = static_cast<acc_t>(pt.v[i]);
-    }
-    absorb<acc_t, VEC>(st, xs, xt, inv_T, p.use_ce);
-  }
-  for (int64_t k = tid; k < sp.n_scalar; k += nthreads) {
-    const int64_t c = scalar_index(sp, k);
-    const acc_t xs[1] = {static_cast<acc_t>(s[c])};
-    const acc_t xt[1] = {static_cast<acc_t>(t[c])};
-    absorb<acc_t, 1>(st, xs, xt, inv_T, p.use_ce);
-  }
-  return st;
-}
-
-template <typename acc_t>
-struct RowFinal {
-  acc_t ms, mt;
   acc_t inv_T;
-  acc_t c_ev;   // kd / Zs
-  acc_t c_eu;   // kd / Zt
-  acc_t c_er;   // ce_scale / Zr
-  acc_t w_over_zt;
-  acc_t ce_scale;
-  int64_t label;  // -1 when none
-  bool ce;
-  bool unit_T;
+  bool use_ce;
+  acc_t* stats;  // [B, kStatsCols]
 };
 
-template <typename acc_t>
-__device__ __forceinline__ void grad_elem(
-    const RowFinal<acc_t>& f, acc_t xs, acc_t xt, int64_t c, acc_t& gs, acc_t& gt) {
-  const acc_t ds = xs - f.ms;
-  const acc_t v = ds * f.inv_T;
-  const acc_t u = (xt - f.mt) * f.inv_T;
-  const acc_t ev = fast_exp(v);
-  const acc_t eu = fast_exp(u);
-  gs = f.c_ev * ev - f.c_eu * eu;
-  if (f.ce) {
-    gs += f.c_er * (f.unit_T ? ev : fast_exp(ds));
-    if (c == f.label) gs -= f.ce_scale;
-  }
-  gt = eu > acc_t(0) ? f.c_eu * eu * ((u - v) - f.w_over_zt) : acc_t(0);
-}
-
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void write_grads(
-    const KdParams<scalar_t>& p,
-    int64_t row,
-    const RowSplit& sp,
-    const RowFinal<typename AccType<scalar_t>::type>& f,
-    int tid,
-    int nthreads) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const scalar_t* s = p.s + row * p.s_stride;
-  const scalar_t* t = p.t + row * p.t_stride;
-  scalar_t* gs = p.gs ? p.gs + row * p.C : nullptr;
-  scalar_t* gt = p.gt ? p.gt + row * p.C : nullptr;
-  for (int64_t j = tid; j < sp.nvec; j += nthreads) {
-    const int64_t c = sp.head + j * VEC;
-    const Pack<scalar_t, VEC> ps = *reinterpret_cast<const Pack<scalar_t, VEC>*>(s + c);
-    const Pack<scalar_t, VEC> pt = *reinterpret_cast<const Pack<scalar_t, VEC>*>(t + c);
-    Pack<scalar_t, VEC> os, ot;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      acc_t a, b;
-      grad_elem(f, static_cast<acc_t>(ps.v[i]), static_cast<acc_t>(pt.v[i]), c + i, a, b);
-      os.v[i] = static_cast<scalar_t>(a);
-      ot.v[i] = static_cast<scalar_t>(b);
-    }
-    if (gs) *reinterpret_cast<Pack<scalar_t, VEC>*>(gs + c) = os;
-    if (gt) *reinterpret_cast<Pack<scalar_t, VEC>*>(gt + c) = ot;
-  }
-  for (int64_t k = tid; k < sp.n_scalar; k += nthreads) {
-    const int64_t c = scalar_index(sp, k);
-    acc_t a, b;
-    grad_elem(f, static_cast<acc_t>(s[c]), static_cast<acc_t>(t[c]), c, a, b);
-    if (gs) gs[c] = static_cast<scalar_t>(a);
-    if (gt) gt[c] = static_cast<scalar_t>(b);
-  }
-}
-
-// Turns the merged statistics of a row into its loss terms and gradient
-// coefficients; the thread with `writer` set stores the per-row results.
-template <typename scalar_t>
-__device__ __forceinline__ RowFinal<typename AccType<scalar_t>::type> finish_row(
-    const KdParams<scalar_t>& p, int64_t row, const RowStats<typename AccType<scalar_t>::type>& st, bool writer) {
-  using acc_t = typename AccType<scalar_t>::type;
-  RowFinal<acc_t> f;
-  f.ms = st.ms;
-  f.mt = st.mt;
-  f.inv_T = static_cast<acc_t>(p.inv_T);
-  f.unit_T = p.inv_T == 1.0;
-  f.ce = p.use_ce;
-  const acc_t kd = static_cast<acc_t>(p.kd_grad);
-  f.c_ev = kd / st.zs;
-  f.c_eu = kd / st.zt;
-  f.w_over_zt = st.w / st.zt;
-  f.label = -1;
-  f.ce_scale = acc_t(0);
-  f.c_er = acc_t(0);
-  acc_t ce_row = acc_t(0);
+// Stores a row's merged state and its loss terms (KL, cross-entropy).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_row(const StatsParams<scalar_t>& p, int64_t row, const RowStats<acc_t>& st) {
+  acc_t* out = p.stats + row * kStatsCols;
+  out[0] = st.ms;
+  out[1] = st.mt;
+  out[2] = st.zs;
+  out[3] = st.zt;
+  out[4] = st.w;
+  out[5] = st.zr;
+  out[6] = row_kl(st);
+  acc_t ce = acc_t(0);
   if (p.use_ce) {
-    const int64_t n_valid = *p.n_valid;
-    f.ce_scale = n_valid > 0 ? static_cast<acc_t>(p.ce_weight / static_cast<double>(n_valid)) : acc_t(0);
-    const int64_t l = p.labels[row];
-    if (l != p.ignore_index) {  // rows with an ignored label get no CE gradient
-      CUDA_KERNEL_ASSERT(l >= 0 && l < p.C && "kd_loss: label out of range");
-      f.c_er = f.ce_scale / st.zr;
-      f.label = l;
-      ce_row = acc_log(st.zr) - (static_cast<acc_t>(p.s[row * p.s_stride + l]) - st.ms);
+    const int64_t l = classify_label(p.labels[row], p.ignore_index, p.C);
+    if (l == kBadLabel) {
+      ce = static_cast<acc_t>(NAN);
+    } else if (l != kNoLabel) {
+      ce = row_ce(st, static_cast<acc_t>(p.s[row * p.s_stride + l]));
     }
   }
-  if (writer) {
-    p.row_kl[row] = f.w_over_zt + acc_log(st.zs) - acc_log(st.zt);
-    p.row_ce[row] = ce_row;
-  }
-  return f;
+  out[7] = ce;
 }
 
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock) kd_warp_rows_kernel(const KdParams<scalar_t> p) {
+__global__ void __launch_bounds__(kWarp* kWarpRowsPerBlock) kd_stats_warp_kernel(const StatsParams<scalar_t> p) {
   using acc_t = typename AccType<scalar_t>::type;
   const int lane = threadIdx.x;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= p.B) return;  // uniform per warp
   const RowSplit sp = split_row<VEC>(row, p.C);
-  RowStats<acc_t> st = accumulate_row<scalar_t, VEC>(p, row, sp, lane, kWarp);
-  st = warp_allreduce(st, static_cast<acc_t>(p.inv_T), p.use_ce);
-  const RowFinal<acc_t> f = finish_row(p, row, st, lane == 0);
-  if (p.gs || p.gt) write_grads<scalar_t, VEC>(p, row, sp, f, lane, kWarp);
+  RowStats<acc_t> st = accumulate_row<scalar_t, acc_t, VEC>(
+      p.s + row * p.s_stride, p.t + row * p.t_stride, sp, lane, kWarp, p.inv_T, p.use_ce);
+  st = warp_allreduce(st, p.inv_T, p.use_ce);
+  if (lane == 0) store_row(p, row, st);
 }
 
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(1024) kd_block_row_kernel(const KdParams<scalar_t> p) {
+__global__ void __launch_bounds__(1024) kd_stats_block_kernel(const StatsParams<scalar_t> p) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ RowStats<acc_t> partial[32];
   const int tid = threadIdx.x;
@@ -377,21 +133,65 @@ __global__ void __launch_bounds__(1024) kd_block_row_kernel(const KdParams<scala
   const int warp = tid / kWarp;
   const int nwarps = blockDim.x / kWarp;
   const int64_t row = blockIdx.x;
-  const acc_t inv_T = static_cast<acc_t>(p.inv_T);
   const RowSplit sp = split_row<VEC>(row, p.C);
-  RowStats<acc_t> st = accumulate_row<scalar_t, VEC>(p, row, sp, tid, blockDim.x);
-  st = warp_allreduce(st, inv_T, p.use_ce);
+  RowStats<acc_t> st = accumulate_row<scalar_t, acc_t, VEC>(
+      p.s + row * p.s_stride, p.t + row * p.t_stride, sp, tid, blockDim.x, p.inv_T, p.use_ce);
+  st = warp_allreduce(st, p.inv_T, p.use_ce);
   if (lane == 0) partial[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < nwarps ? partial[lane] : empty_stats<acc_t>();
-    st = warp_allreduce(st, inv_T, p.use_ce);
-    if (lane == 0) partial[0] = st;
+    st = warp_allreduce(st, p.inv_T, p.use_ce);
+    if (lane == 0) store_row(p, row, st);
   }
-  __syncthreads();
-  st = partial[0];
-  const RowFinal<acc_t> f = finish_row(p, row, st, tid == 0);
-  if (p.gs || p.gt) write_grads<scalar_t, VEC>(p, row, sp, f, tid, blockDim.x);
+}
+
+template <typename scalar_t>
+struct GradParams {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* s;
+  const scalar_t* t;
+  int64_t s_stride;
+  int64_t t_stride;
+  const int64_t* labels;   // nullptr without cross-entropy
+  const int64_t* n_valid;  // device scalar: number of non-ignored labels
+  int64_t ignore_index;
+  int64_t B;
+  int64_t C;
+  acc_t inv_T;
+  acc_t kd_grad;  // kd_weight * T / B
+  double ce_weight;
+  bool use_ce;
+  const acc_t* stats;        // [B, kStatsCols] from the forward
+  const acc_t* grad_output;  // device scalar; nullptr means 1
+  scalar_t* gs;              // [B, C] contiguous or nullptr
+  scalar_t* gt;
+};
+
+// Rows step by gridDim.y * blockDim.y; threads of one row are
+// (blockIdx.x, threadIdx.x): one warp per row for C <= 1024 (block 32 x 8),
+// else 256-thread blocks side by side along the row.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kGradThreads) kd_grad_kernel(const GradParams<scalar_t> p) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t g = p.grad_output ? *p.grad_output : acc_t(1);
+  acc_t ce_scale = acc_t(0);
+  if (p.use_ce) {
+    const int64_t n = *p.n_valid;
+    ce_scale = n > 0 ? static_cast<acc_t>(p.ce_weight / static_cast<double>(n)) : acc_t(0);
+  }
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < p.B; row += row_step) {
+    const acc_t* x = p.stats + row * kStatsCols;
+    const RowStats<acc_t> st{x[0], x[1], x[2], x[3], x[4], x[5]};
+    const int64_t label = p.use_ce ? classify_label(p.labels[row], p.ignore_index, p.C) : kNoLabel;
+    const RowFinal<acc_t> f = make_final(st, p.inv_T, p.use_ce, g, p.kd_grad, ce_scale, label);
+    write_grads_row<scalar_t, acc_t, VEC>(
+        p.s + row * p.s_stride, p.t + row * p.t_stride, p.gs ? p.gs + row * p.C : nullptr,
+        p.gt ? p.gt + row * p.C : nullptr, split_row<VEC>(row, p.C), f, tid, nthreads);
+  }
 }
 
 // Number of labels != ignore_index (one block, fixed-order reduction).
@@ -411,22 +211,16 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 // loss = kd_scale * sum(row_kl) + ce_weight * sum(row_ce) / n_valid, summed
 // in double in a fixed order (deterministic).
-template <typename scalar_t, typename acc_t>
+template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads) kd_finalize_kernel(
-    const acc_t* row_kl,
-    const acc_t* row_ce,
-    int64_t B,
-    const int64_t* n_valid,
-    double kd_scale,
-    double ce_weight,
-    bool use_ce,
-    scalar_t* out) {
+    const acc_t* stats, int64_t B, const int64_t* n_valid, double kd_scale, double ce_weight, bool use_ce,
+    acc_t* out) {
   __shared__ double kl_buf[kFinalizeThreads];
   __shared__ double ce_buf[kFinalizeThreads];
   double kl = 0.0, ce = 0.0;
   for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-    kl += static_cast<double>(row_kl[i]);
-    if (use_ce) ce += static_cast<double>(row_ce[i]);
+    kl += static_cast<double>(stats[i * kStatsCols + 6]);
+    if (use_ce) ce += static_cast<double>(stats[i * kStatsCols + 7]);
   }
   kl_buf[threadIdx.x] = kl;
   ce_buf[threadIdx.x] = ce;
@@ -444,7 +238,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) kd_finalize_kernel(
       const int64_t n = *n_valid;
       if (n > 0) loss += ce_weight * ce_buf[0] / static_cast<double>(n);
     }
-    *out = static_cast<scalar_t>(loss);
+    *out = static_cast<acc_t>(loss);
   }
 }
 
@@ -452,106 +246,192 @@ int64_t row_stride(const at::Tensor& x) {
   return x.size(0) == 1 ? x.size(1) : x.stride(0);
 }
 
+// One call's inputs as the kernels read them.
+struct Prepared {
+  KdLossPlan plan;
+  at::Tensor s, t, lab, n_valid;
+  cudaStream_t stream;
+};
+
+Prepared prepare(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    double temperature, double alpha, int64_t ignore_index, bool grad_student, bool grad_teacher) {
+  Prepared pr;
+  pr.plan = make_plan(student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher);
+  TORCH_INTERNAL_ASSERT(student.is_cuda());
+  pr.stream = c10::cuda::getCurrentCUDAStream(student.device().index()).stream();
+  const int64_t C = pr.plan.C;
+  pr.s = (student.stride(1) == 1 || C == 1) ? student : student.contiguous();
+  pr.t = (teacher.stride(1) == 1 || C == 1) ? teacher : teacher.contiguous();
+  pr.n_valid = at::zeros({1}, pr.s.options().dtype(at::kLong));  // a memset on the stream
+  if (pr.plan.use_ce) {
+    pr.lab = labels->contiguous();
+    kd_count_valid_kernel<<<1, kFinalizeThreads, 0, pr.stream>>>(
+        pr.lab.const_data_ptr<int64_t>(), pr.plan.B, pr.plan.ignore_index, pr.n_valid.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return pr;
+}
+
+// 16-byte packs need s, t and the (contiguous) gradient rows to share one
+// misalignment: 16-byte aligned bases and row strides == C (mod VEC).
+template <int VEC>
+bool vec_ok(const Prepared& pr, const void* gs, const void* gt) {
+  auto aligned = [](const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const int64_t C = pr.plan.C;
+  return aligned(pr.s.const_data_ptr()) && aligned(pr.t.const_data_ptr()) && aligned(gs) && aligned(gt) &&
+      (row_stride(pr.s) - C) % VEC == 0 && (row_stride(pr.t) - C) % VEC == 0;
+}
+
 template <typename scalar_t, int VEC>
-void launch_rows(const KdParams<scalar_t>& p, cudaStream_t stream) {
+void launch_stats(const StatsParams<scalar_t>& p, cudaStream_t stream) {
   if (p.C <= kWarpMaxC) {
     const dim3 block(kWarp, kWarpRowsPerBlock);
     const int64_t blocks = (p.B + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock;
     TORCH_CHECK(blocks <= 0x7fffffff, "kd_loss: too many rows");
-    kd_warp_rows_kernel<scalar_t, VEC><<<static_cast<unsigned>(blocks), block, 0, stream>>>(p);
+    kd_stats_warp_kernel<scalar_t, VEC><<<static_cast<unsigned>(blocks), block, 0, stream>>>(p);
   } else {
     // Enough threads for ~4 packs each, 128..1024.
     const int64_t packs = (p.C + VEC - 1) / VEC;
     int threads = 128;
     while (threads < 1024 && static_cast<int64_t>(threads) * 4 < packs) threads *= 2;
     TORCH_CHECK(p.B <= 0x7fffffff, "kd_loss: too many rows");
-    kd_block_row_kernel<scalar_t, VEC><<<static_cast<unsigned>(p.B), threads, 0, stream>>>(p);
+    kd_stats_block_kernel<scalar_t, VEC><<<static_cast<unsigned>(p.B), threads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
-    const at::Tensor& student,
-    const at::Tensor& teacher,
-    const std::optional<at::Tensor>& labels,
-    double temperature,
-    double alpha,
-    int64_t ignore_index,
-    bool grad_student,
-    bool grad_teacher) {
-  const KdLossPlan plan = make_plan(
-      student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher);
-  TORCH_INTERNAL_ASSERT(student.is_cuda());
-  const c10::cuda::CUDAGuard guard(student.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index()).stream();
-  const int64_t B = plan.B, C = plan.C;
-  const at::Tensor s = (student.stride(1) == 1 || C == 1) ? student : student.contiguous();
-  const at::Tensor t = (teacher.stride(1) == 1 || C == 1) ? teacher : teacher.contiguous();
-
-  at::Tensor gs = grad_student ? at::empty({B, C}, s.options()) : empty_grad(s);
-  at::Tensor gt = grad_teacher ? at::empty({B, C}, s.options()) : empty_grad(s);
-  const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor rows = at::empty({2, B}, s.options().dtype(acc_dtype));
-  at::Tensor n_valid = at::zeros({1}, s.options().dtype(at::kLong));
-  at::Tensor lab;
-  if (plan.use_ce) {
-    lab = labels->contiguous();
-    kd_count_valid_kernel<<<1, kFinalizeThreads, 0, stream>>>(
-        lab.const_data_ptr<int64_t>(), B, plan.ignore_index, n_valid.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  at::Tensor out = at::empty({}, s.options());
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_fwd_cuda", [&] {
+// Row stats [B, kStatsCols] and the 0-dim loss (fp32, fp64 for fp64 logits).
+std::tuple<at::Tensor, at::Tensor> run_stats(const Prepared& pr) {
+  const KdLossPlan& plan = pr.plan;
+  const auto acc_dtype = stats_dtype(pr.s.scalar_type());
+  at::Tensor stats = at::empty({plan.B, kStatsCols}, pr.s.options().dtype(acc_dtype));
+  at::Tensor out = at::empty({}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.s.scalar_type(), "kd_loss_stats_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    KdParams<scalar_t> p;
-    p.s = s.const_data_ptr<scalar_t>();
-    p.t = t.const_data_ptr<scalar_t>();
-    p.s_stride = row_stride(s);
-    p.t_stride = row_stride(t);
-    p.labels = plan.use_ce ? lab.const_data_ptr<int64_t>() : nullptr;
-    p.n_valid = n_valid.const_data_ptr<int64_t>();
+    StatsParams<scalar_t> p;
+    p.s = pr.s.const_data_ptr<scalar_t>();
+    p.t = pr.t.const_data_ptr<scalar_t>();
+    p.s_stride = row_stride(pr.s);
+    p.t_stride = row_stride(pr.t);
+    p.labels = plan.use_ce ? pr.lab.const_data_ptr<int64_t>() : nullptr;
     p.ignore_index = plan.ignore_index;
-    p.B = B;
-    p.C = C;
-    p.inv_T = 1.0 / temperature;
-    p.kd_grad = plan.kd_weight * temperature / static_cast<double>(B);
-    p.ce_weight = plan.ce_weight;
+    p.B = plan.B;
+    p.C = plan.C;
+    p.inv_T = static_cast<acc_t>(1.0 / plan.temperature);
     p.use_ce = plan.use_ce;
-    p.gs = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
-    p.gt = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
-    p.row_kl = rows.data_ptr<acc_t>();
-    p.row_ce = p.row_kl + B;
-
-    // 16-byte packs need s, t and the (contiguous) gradient rows to share
-    // one misalignment: 16-byte aligned bases and row strides == C (mod VEC).
+    p.stats = stats.data_ptr<acc_t>();
     constexpr int VEC = 16 / sizeof(scalar_t);
-    auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-    const bool vec_ok = aligned(p.s) && aligned(p.t) && (p.gs == nullptr || aligned(p.gs)) &&
-        (p.gt == nullptr || aligned(p.gt)) && (p.s_stride - C) % VEC == 0 && (p.t_stride - C) % VEC == 0;
-    if (vec_ok) {
-      launch_rows<scalar_t, VEC>(p, stream);
+    if (vec_ok<VEC>(pr, nullptr, nullptr)) {
+      launch_stats<scalar_t, VEC>(p, pr.stream);
     } else {
-      launch_rows<scalar_t, 1>(p, stream);
+      launch_stats<scalar_t, 1>(p, pr.stream);
     }
-    kd_finalize_kernel<scalar_t, acc_t><<<1, kFinalizeThreads, 0, stream>>>(
-        p.row_kl,
-        p.row_ce,
-        B,
-        p.n_valid,
-        plan.kd_weight * temperature * temperature / static_cast<double>(B),
-        plan.ce_weight,
-        plan.use_ce,
-        out.data_ptr<scalar_t>());
+    const double T = plan.temperature;
+    kd_finalize_kernel<acc_t><<<1, kFinalizeThreads, 0, pr.stream>>>(
+        p.stats, plan.B, pr.n_valid.const_data_ptr<int64_t>(), plan.kd_weight * T * T / static_cast<double>(plan.B),
+        plan.ce_weight, plan.use_ce, out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return std::make_tuple(out, gs, gt);
+  return std::make_tuple(out, stats);
+}
+
+template <typename scalar_t, int VEC>
+void launch_grads(const GradParams<scalar_t>& p, cudaStream_t stream) {
+  const int64_t C = p.C;
+  dim3 block(kGradThreads, 1), grid(1, 1);
+  if (C <= kWarpMaxC) {
+    block = dim3(kWarp, kGradThreads / kWarp);
+    grid.y = static_cast<unsigned>(std::min<int64_t>((p.B + block.y - 1) / block.y, kMaxGridY));
+  } else {
+    const int64_t per_block = static_cast<int64_t>(kGradThreads) * VEC * 4;  // ~4 packs a thread
+    grid.x = static_cast<unsigned>((C + per_block - 1) / per_block);
+    grid.y = static_cast<unsigned>(std::min<int64_t>(p.B, kMaxGridY));
+  }
+  kd_grad_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grad_output: a device scalar of the stats' dtype, or undefined for 1.
+void run_grads(const Prepared& pr, const at::Tensor& stats, const at::Tensor& grad_output, at::Tensor& gs,
+               at::Tensor& gt) {
+  const KdLossPlan& plan = pr.plan;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.s.scalar_type(), "kd_loss_grad_cuda", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    GradParams<scalar_t> p;
+    p.s = pr.s.const_data_ptr<scalar_t>();
+    p.t = pr.t.const_data_ptr<scalar_t>();
+    p.s_stride = row_stride(pr.s);
+    p.t_stride = row_stride(pr.t);
+    p.labels = plan.use_ce ? pr.lab.const_data_ptr<int64_t>() : nullptr;
+    p.n_valid = pr.n_valid.const_data_ptr<int64_t>();
+    p.ignore_index = plan.ignore_index;
+    p.B = plan.B;
+    p.C = plan.C;
+    p.inv_T = static_cast<acc_t>(1.0 / plan.temperature);
+    p.kd_grad = static_cast<acc_t>(plan.kd_weight * plan.temperature / static_cast<double>(plan.B));
+    p.ce_weight = plan.ce_weight;
+    p.use_ce = plan.use_ce;
+    p.stats = stats.const_data_ptr<acc_t>();
+    p.grad_output = grad_output.defined() ? grad_output.const_data_ptr<acc_t>() : nullptr;
+    p.gs = plan.grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    p.gt = plan.grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    if (vec_ok<VEC>(pr, p.gs, p.gt)) {
+      launch_grads<scalar_t, VEC>(p, pr.stream);
+    } else {
+      launch_grads<scalar_t, 1>(p, pr.stream);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_stats_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    double temperature, double alpha, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Prepared pr = prepare(student, teacher, labels, temperature, alpha, ignore_index, false, false);
+  return run_stats(pr);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& labels, const at::Tensor& row_stats, double temperature, double alpha,
+    int64_t ignore_index, bool grad_student, bool grad_teacher) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Prepared pr =
+      prepare(student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher);
+  check_bwd_buffers(grad_loss, row_stats, pr.plan, pr.s);
+  at::Tensor gs = grad_student ? at::empty({pr.plan.B, pr.plan.C}, pr.s.options()) : empty_grad(pr.s);
+  at::Tensor gt = grad_teacher ? at::empty({pr.plan.B, pr.plan.C}, pr.s.options()) : empty_grad(pr.s);
+  if (grad_student || grad_teacher) {
+    // A no-op for the usual fp32 / fp64 grad_output; else a device-side cast.
+    const at::Tensor g = grad_loss.to(row_stats.scalar_type()).reshape({});
+    run_grads(pr, row_stats, g, gs, gt);
+  }
+  return std::make_tuple(gs, gt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    double temperature, double alpha, int64_t ignore_index, bool grad_student, bool grad_teacher) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Prepared pr =
+      prepare(student, teacher, labels, temperature, alpha, ignore_index, grad_student, grad_teacher);
+  auto [loss, stats] = run_stats(pr);
+  at::Tensor gs = grad_student ? at::empty({pr.plan.B, pr.plan.C}, pr.s.options()) : empty_grad(pr.s);
+  at::Tensor gt = grad_teacher ? at::empty({pr.plan.B, pr.plan.C}, pr.s.options()) : empty_grad(pr.s);
+  // Gradients with grad_output = 1, for direct callers of the primitive (the
+  // training path, pyramidkd::kd_loss, runs kd_loss_stats + kd_loss_bwd).
+  if (grad_student || grad_teacher) run_grads(pr, stats, at::Tensor(), gs, gt);
+  return std::make_tuple(loss, gs, gt);
 }
 
 TORCH_LIBRARY_IMPL(pyramidkd, CUDA, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cuda);
+  m.impl("kd_loss_stats", &kd_loss_stats_cuda);
+  m.impl("kd_loss_bwd", &kd_loss_bwd_cuda);
 }
 
 }  // namespace pyramidkd
