@@ -65,7 +65,9 @@ def fused(s, t, T, labels=None, alpha=1.0, ignore_index=-100, grad_output=1.0, t
     t = t.detach().clone().requires_grad_(teacher_grad)
     loss = ops.kd_loss(s, t, temperature=T, labels=labels, alpha=alpha, ignore_index=ignore_index)
     inputs = (s, t) if teacher_grad else (s,)
-    grads = torch.autograd.grad(loss, inputs, grad_outputs=torch.tensor(grad_output, dtype=loss.dtype, device=loss.device))
+    if not isinstance(grad_output, torch.Tensor):  # (a blocking host-to-device copy on CUDA)
+        grad_output = torch.tensor(grad_output, dtype=loss.dtype, device=loss.device)
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=grad_output)
     return loss.detach(), grads
 
 
@@ -142,7 +144,8 @@ def test_half_precision_against_fp32_reference(device, dtype, B, C):
         # Reference from the same (rounded) inputs, in float64.
         ref_loss, ref_gs, ref_gt = reference(s, t, T, labels, alpha=0.7)
         loss, (gs, gt) = fused(s, t, T, labels, alpha=0.7, teacher_grad=True)
-        assert loss.dtype == dtype and gs.dtype == dtype and gt.dtype == dtype
+        # an fp32 loss (as eager autocast gives), gradients in the logits' dtype
+        assert loss.dtype == torch.float32 and gs.dtype == dtype and gt.dtype == dtype
         torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
         assert_grad_close(gs, ref_gs, tol, tol)
         assert_grad_close(gt, ref_gt, tol, tol)
@@ -372,11 +375,15 @@ def test_deterministic_across_runs_and_threads():
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
 @pytest.mark.cuda
 def test_cuda_deterministic_and_no_sync():
+    # Every input is built first: torch.tensor(..., device="cuda") is a
+    # blocking copy that the sync debug mode would (rightly) flag.
     s, t = logits(512, 5000, "cuda")
     labels = make_labels(512, 5000, "cuda")
+    grad_output = torch.full((), -2.0, device="cuda")  # the backward reads it on the device
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        runs = [fused(s, t, 2.0, labels, alpha=0.5, teacher_grad=True) for _ in range(3)]
+        runs = [fused(s, t, 2.0, labels, alpha=0.5, grad_output=grad_output, teacher_grad=True) for _ in range(3)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
     for loss, grads in runs[1:]:
@@ -591,6 +598,14 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.pyramidkd.kd_loss_fwd.default, args)
         # the differentiable entry point (C++ autograd) on the same inputs
         torch.library.opcheck(torch.ops.pyramidkd.kd_loss.default, args[:6])
+        # its CUDA halves (internal, below autograd: inputs without grad)
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.pyramidkd.kd_loss_stats.default, plain[:6])
+        loss, stats = torch.ops.pyramidkd.kd_loss_stats(*plain[:6])
+        grad = torch.full_like(loss, -3.0)
+        for flags in ((True, False), (True, True), (False, True)):
+            bwd_args = (grad, *plain[:3], stats, *plain[3:6], *flags)
+            torch.library.opcheck(torch.ops.pyramidkd.kd_loss_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
