@@ -18,8 +18,9 @@ Two ways to run:
   eager/fused, compiled/fused, fused/exp2, and the peak memory of one fwd+bwd
   (CPU: growth of the peak RSS, measured in a subprocess with a fixed glibc
   mmap threshold so that RSS follows live memory; CUDA:
-  torch.cuda.max_memory_allocated); on CUDA also the bandwidth counting
-  12 * B * C bytes (read s and t, write the gradient) as the issue does.
+  torch.cuda.max_memory_allocated); on CUDA also the bandwidth of the
+  fwd+bwd and of each kernel alone, counting the bytes the kernels must move
+  (forward 2BCe, backward 3BCe with e the element size; see fused_bytes).
 """
 
 from __future__ import annotations
@@ -214,6 +215,40 @@ def _memory_only(spec):
     print(json.dumps(peaks))
 
 
+def fused_bytes(B, C, dtype, grads=1):
+    """Bytes the CUDA kernels must move for one fwd+bwd (csrc/cuda/kd_loss_cuda.cu):
+    forward reads s and t, backward reads them again and writes each gradient;
+    the [B, 8] fp32 row statistics are written once and read once."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return (2 + 2 + grads) * B * C * e + 2 * 32 * B
+
+
+def cuda_kernel_bandwidth(B, C, dtype, reps=20):
+    """GB/s of the forward (kd_loss_stats) and backward (kd_loss_bwd) alone,
+    from CUDA events, counting 2BCe and 3BCe bytes (student gradient only)."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(B, C, generator=g) * 3).to(device="cuda", dtype=dtype)
+    t = (torch.randn(B, C, generator=g) * 3).to(device="cuda", dtype=dtype)
+    fwd = lambda: torch.ops.pyramidkd.kd_loss_stats(s, t, None, TEMPERATURE, 1.0, -100)  # noqa: E731
+    loss, stats = fwd()
+    grad = torch.ones_like(loss)
+    bwd = lambda: torch.ops.pyramidkd.kd_loss_bwd(grad, s, t, None, stats, TEMPERATURE, 1.0, -100, True, False)  # noqa: E731
+    e = s.element_size()
+    out = {}
+    for name, fn, nbytes in (("fwd", fwd, 2 * B * C * e + 32 * B), ("bwd", bwd, 3 * B * C * e + 32 * B)):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / reps
+        out[f"{name}_ms"] = seconds * 1e3
+        out[f"{name}_GBps"] = nbytes / seconds / 1e9
+    return out
+
+
 def ratio_table(device="cpu", quick=False, shapes=None, dtypes=None):
     shapes = shapes or (SHAPES[:3] if quick else SHAPES)
     dtypes = dtypes or list(DTYPES)
@@ -237,7 +272,8 @@ def ratio_table(device="cpu", quick=False, shapes=None, dtypes=None):
                 **{f"{k}_peak_MB": (None if v is None else v / 2**20) for k, v in peaks.items()},
             }
             if device == "cuda":
-                row["fused_GBps_12BC"] = 12 * B * C / times["fused"] / 1e9
+                row.update(cuda_kernel_bandwidth(B, C, DTYPES[dtype_name]))
+                row["fused_GBps"] = fused_bytes(B, C, DTYPES[dtype_name]) / times["fused"] / 1e9
             rows.append(row)
             print(_format_row(row), flush=True)
     return rows
@@ -258,8 +294,11 @@ def _format_row(r):
             f" | peak MB fused {mb(r['fused_peak_MB'])} eager {mb(r['eager_peak_MB'])} "
             f"compiled {mb(r['compiled_peak_MB'])}"
         )
-    if "fused_GBps_12BC" in r:
-        text += f" | {r['fused_GBps_12BC']:.0f} GB/s (12BC)"
+    if "fused_GBps" in r:
+        text += (
+            f" | fwd+bwd {r['fused_GBps']:.0f} GB/s, forward kernel {r['fwd_GBps']:.0f}, "
+            f"backward kernel {r['bwd_GBps']:.0f} (of the bytes they must move)"
+        )
     return text
 
 
