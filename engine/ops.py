@@ -15,7 +15,7 @@ overhead) wraps ``kd_loss_fwd`` on the CPU (the backward scales the saved
 gradients) and, on CUDA, ``kd_loss_stats`` (loss + per-row statistics) and
 ``kd_loss_bwd`` (the gradients recomputed, scaled by ``grad_output`` inside
 the kernel).  The loss is float32 (float64 for float64 logits).
-fake kernels for the ops and the Python autograd kernel of ``kd_loss_fwd``
+Fake kernels for the ops and the Python autograd kernel of ``kd_loss_fwd``
 (for direct calls of the primitive, torch.compile / torch.export / opcheck)
 are registered below.  Teacher logits that require grad get correct
 gradients too.  ``kd_loss_eager`` is the plain-PyTorch reference with the same
