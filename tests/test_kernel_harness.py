@@ -219,3 +219,21 @@ def test_all_labels_ignored_and_alpha_zero(harness):
     labels = labels_for(5, 9, seed=3)
     got = run_harness(harness, s, t, 4.0, labels=labels, alpha=0.0)
     assert_matches(got, cpu_op(s, t, 4.0, labels=labels, alpha=0.0), 4.0, torch.float32)
+
+
+def test_the_gpu_runs_the_tested_code():
+    """The .cu file takes its row logic from the header the harness tests (no
+    private copy of it), and the harness mirrors the kernels' launch geometry."""
+    import re
+
+    cu = (ROOT / "csrc" / "cuda" / "kd_loss_cuda.cu").read_text()
+    harness_src = SOURCE.read_text()
+    assert '#include "kd_loss_row.cuh"' in cu and '#include "kd_loss_row.cuh"' in harness_src
+    for fn in ("rescale", "merge", "absorb", "accumulate_row", "grad_elem", "write_grads_row", "split_row"):
+        assert not re.search(rf"\b{fn}\s*\([^;]*\)\s*\{{", cu), f"kd_loss_cuda.cu defines its own {fn}()"
+    for name in ("kWarpMaxC", "kGradThreads"):
+        pattern = rf"constexpr\s+\w+\s+{name}\s*=\s*(\d+)"
+        assert re.search(pattern, cu).group(1) == re.search(pattern, harness_src).group(1), name
+    # the block size choice of launch_stats, replayed by auto_threads()
+    rule = "while (threads < 1024 && static_cast<int64_t>(threads) * 4 < packs) threads *= 2;"
+    assert rule in cu and rule in harness_src
