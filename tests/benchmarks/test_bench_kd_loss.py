@@ -249,6 +249,21 @@ def cuda_kernel_bandwidth(B, C, dtype, reps=20):
     return out
 
 
+def kernel_rows(dtype_names, peak_gbps=None, B=4096, C=32000):
+    """Each CUDA kernel's bandwidth (of the bytes it must move) at (B, C); the
+    target is >= 80 % of peak HBM bandwidth (docs/fused-loss.md)."""
+    rows = []
+    for name in dtype_names:
+        row = {"dtype": name, "B": B, "C": C, **cuda_kernel_bandwidth(B, C, DTYPES[name])}
+        text = f"{name:>4} {B}x{C}: forward {row['fwd_ms']:.3f} ms {row['fwd_GBps']:.0f} GB/s, backward {row['bwd_ms']:.3f} ms {row['bwd_GBps']:.0f} GB/s"
+        if peak_gbps:
+            row["fwd_share"], row["bwd_share"] = row["fwd_GBps"] / peak_gbps, row["bwd_GBps"] / peak_gbps
+            text += f" ({row['fwd_share']:.0%} / {row['bwd_share']:.0%} of {peak_gbps:.0f} GB/s; target 80 %)"
+        print(text, flush=True)
+        rows.append(row)
+    return rows
+
+
 def ratio_table(device="cpu", quick=False, shapes=None, dtypes=None):
     shapes = shapes or (SHAPES[:3] if quick else SHAPES)
     dtypes = dtypes or list(DTYPES)
@@ -335,6 +350,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--from-pytest-benchmark", metavar="FILE", help="print the ratios of a pytest-benchmark JSON file")
+    parser.add_argument(
+        "--kernels-only", action="store_true",
+        help="CUDA: only the forward / backward kernels' bandwidth at (4096, 32000) (seconds, for the GPU check)",
+    )
+    parser.add_argument("--peak-gbps", type=float, help="with --kernels-only: report each kernel's share of this peak")
     parser.add_argument("--memory-only", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_only:
@@ -358,7 +378,10 @@ def main(argv=None):
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"cpu kernel {ops.cpu_kernel_name()}, T={TEMPERATURE}; times: best of interleaved fwd+bwd runs"
     )
-    rows = ratio_table(args.device, args.quick, dtypes=args.dtype)
+    if args.kernels_only:
+        rows = kernel_rows(args.dtype or list(DTYPES), args.peak_gbps)
+    else:
+        rows = ratio_table(args.device, args.quick, dtypes=args.dtype)
     if args.json:
         import json
 
