@@ -43,3 +43,8 @@ class CheckpointError(UserError):
 
 class DatasetError(UserError):
     """Dataset files are missing or unreadable."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that would run code (or build objects beyond tensors and plain
+    data) while loading: refused before any of it runs."""

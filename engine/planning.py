@@ -21,7 +21,7 @@ from .errors import CheckpointError, RecipeError
 from .recipe import RawComponent, Recipe, parse_key_path
 from .settings import TrainSection
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 @attrs.define(frozen=True)
@@ -155,7 +155,9 @@ class PlanContext:
                     key=key,
                     fix="check the path (relative paths are relative to the recipe's folder)",
                 )
-            return CheckpointFile(os.path.abspath(path), key)
+            source = CheckpointFile(os.path.abspath(path), key)
+            self._resolver.checkpoint_model(source)  # read (as data only) and checked now, before anything runs
+            return source
         known = list(self._entry_outputs) + [s.id for s in self._stages if s.id not in self._entry_outputs]
         later = [s.id for s in self.recipe.stages if s.id == reference]
         if later:

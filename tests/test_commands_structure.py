@@ -64,7 +64,7 @@ def test_the_import_check_sees_relative_and_absolute_imports():
 def test_one_module_per_command_and_no_moved_module_left_behind():
     from pyramidkd.engine.commands import builtin
 
-    expected = {"run", "sweep", "validate", "models", "bench-models", "plugins", "report"}
+    expected = {"run", "sweep", "validate", "models", "bench-models", "plugins", "report", "save-weights", "convert-checkpoint"}
     assert {module.NAME for module in builtin.BUILTIN_COMMANDS} == expected
     assert {Path(module.__file__).stem for module in builtin.BUILTIN_COMMANDS} == {n.replace("-", "_") for n in expected}
     for old in ("report", "benchmodels", "modelinfo", "seeds", "summary", "stage"):

@@ -7,9 +7,9 @@ built-ins come first in ``pyramidkd --help`` and a plugin cannot take their name
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import bench_models, models, plugins, report, run, sweep, validate
+from . import bench_models, convert_checkpoint, models, plugins, report, run, save_weights, sweep, validate
 
-BUILTIN_COMMANDS = (run, sweep, validate, models, bench_models, plugins, report)
+BUILTIN_COMMANDS = (run, sweep, validate, models, bench_models, plugins, report, save_weights, convert_checkpoint)
 
 
 @hookimpl

@@ -28,7 +28,7 @@ import re
 import tomllib
 from typing import Sequence
 
-from ..errors import UserError
+from ..errors import UnsafeCheckpointError, UserError
 from ..formatting import format_count, format_markdown_table, format_number, percent
 from ..records import EpochRecord, RunSummary, StageResult, load_summary, read_metrics
 
@@ -105,6 +105,8 @@ def stage_macs(run_dir: str, stage: StageResult, host) -> tuple[int | None, str 
     try:
         model, description = model_from_checkpoint(load_checkpoint(path), path, host)
         return count_macs(model, tuple(description["input_shape"])), None
+    except UnsafeCheckpointError:
+        raise  # a file that would run code is an error, not a missing number
     except UserError as error:
         return None, f"stage {stage.stage!r}: no MACs ({error.message})"
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
