@@ -24,6 +24,7 @@ checkpoint was written on the other path continues on this run's path, with a wa
 
 from __future__ import annotations
 
+import logging
 import os
 
 import attrs
@@ -83,9 +84,11 @@ def load_run_data(dataset: ComponentSpec, context: DatasetContext, pipeline: str
     choice = broadcast_object(world, choice)
     if data is None:
         data = component.load_tensors(context) if choice.tensor else component.load(context)
+    if choice.tensor:
+        check_tensor_splits(data, dataset.name)
+    check_labels(data, dataset)
     if not choice.tensor:
         return data, choice, f"data: DataLoader pipeline ({choice.reason})"
-    check_tensor_splits(data, dataset.name)
     data, where = place(data, device)
     return data, choice, f"data: tensor pipeline ({choice.reason}; {where})"
 
@@ -119,6 +122,57 @@ def check_tensor_splits(data: DataSplits, name: str) -> None:
         if not isinstance(value, TensorSplit):
             raise DatasetError(f"dataset {name!r}: load_tensors returned a {type(value).__name__} as its {split} split, "
                                "not a TensorSplit", fix=f"return TensorSplit objects from load_tensors ({DOCS_HINT})")
+
+
+def check_labels(data: DataSplits, dataset: ComponentSpec) -> None:
+    """Every split's labels in ``0..num_classes-1``, checked once, on the CPU, before
+    training: on a GPU an out-of-range label is a device-side assert in the loss,
+    which kills the process's CUDA context. A split whose labels cannot be read
+    without decoding its images (no ``targets``/``labels``) is left to the loss, with a warning."""
+    classes = int(data.num_classes)
+    source = f"dataset {dataset.name!r}" + "".join(f" ({value})" for key, value in _where(dataset) if value)
+    for split in ("train", "val", "test"):
+        labels = split_labels(getattr(data, split))
+        if labels is None:
+            logging.getLogger("pyramidkd").warning(
+                f"{source}: the labels of the {split} split are not checked before training (it exposes neither "
+                "`targets` nor `labels`); an out-of-range label stops a GPU run with a device-side assert")
+            continue
+        bad = torch.nonzero((labels < 0) | (labels >= classes)).flatten()
+        if len(bad):
+            first = int(bad[0])
+            raise DatasetError(
+                f"{source}: {len(bad)} label(s) of the {split} split are outside 0..{classes - 1} ({classes} classes), "
+                f"e.g. sample {first} has label {int(labels[first])}", key="dataset",
+                fix="correct the labels (or the class count) of the data set: labels must be 0..num_classes-1; "
+                    "the files may be corrupt (re-download them) or a plugin's load/load_tensors numbers its classes differently")
+
+
+def split_labels(split) -> torch.Tensor | None:
+    """A split's labels as an int64 CPU tensor, read without decoding images: a
+    TensorSplit, a TensorDataset, a Subset of those, or any data set with ``targets``
+    or ``labels``; ``None`` when it has none of these."""
+    if isinstance(split, TensorSplit):
+        return split.labels.cpu()
+    if isinstance(split, torch.utils.data.TensorDataset) and len(split.tensors) >= 2:
+        return split.tensors[-1].cpu().long()
+    if isinstance(split, torch.utils.data.Subset):
+        labels = split_labels(split.dataset)
+        return None if labels is None else labels[torch.as_tensor(split.indices, dtype=torch.long)]
+    for attribute in ("targets", "labels"):
+        labels = getattr(split, attribute, None)
+        if labels is not None:
+            try:
+                return torch.as_tensor(labels).cpu().long().flatten()
+            except (TypeError, ValueError, RuntimeError):
+                return None
+    return None
+
+
+def _where(dataset: ComponentSpec) -> list[tuple[str, str]]:
+    """The dataset's file or folder parameters, to name it in an error."""
+    params = getattr(dataset.params, "__attrs_attrs__", ())
+    return [(a.name, str(getattr(dataset.params, a.name))) for a in params if a.name in ("root", "path", "file", "folder")]
 
 
 def splits_bytes(data: DataSplits) -> int:

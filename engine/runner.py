@@ -25,6 +25,7 @@ from .recipe import Recipe, dump_toml, load_recipe
 from .records import DatasetInfo, EpochRecord, RunSummary, StageResult
 from .rundir import RunDirectory, atomic_write_json, command_line, default_output_dir
 from .training.fingerprint import Fingerprints
+from .training.loaders import resolve_device
 from .training.loop import StageRunner
 from .training.reuse import decide_reuse
 from .training.stops import ImmediateStop, StopFlag, resume_command, signals_to
@@ -95,14 +96,21 @@ def dataset_context(recipe: Recipe) -> DatasetContext:
     return DatasetContext(seed=recipe.experiment.seed, recipe_dir=recipe.directory, cache_dir=cache)
 
 
-def choose_device(recipe: Recipe) -> torch.device:
+def device_type(recipe: Recipe) -> str:
+    """``"cuda"`` or ``"cpu"``, without touching a GPU (torchrun's ranks must pick theirs first)."""
     wanted = recipe.experiment.device
     if wanted == "cuda" and not torch.cuda.is_available():
         key = "experiment.device"
         raise RecipeError("device = \"cuda\" but no CUDA GPU is visible", file=recipe.file, key=key, fix='use device = "auto" or "cpu"')
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda")
+        return "cpu"
+    return "cuda"
+
+
+def choose_device(recipe: Recipe, world: World = World()) -> torch.device:
+    """The run's device, resolved once to an index (``cuda:<current>``, under torchrun
+    the local rank's): tensors report ``cuda:0``, and ``cuda:0 == cuda`` is False."""
+    return resolve_device(torch.device(device_type(recipe)), world)
 
 
 @attrs.define
@@ -165,10 +173,8 @@ def run_recipe(
     """
     prepared = prepare(recipe_path, overrides, extra_plugins, max_epochs=max_epochs)
     recipe = prepared.recipe
-    device = choose_device(recipe)
-    world = init_world(device.type == "cuda")
-    if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
+    world = init_world(device_type(recipe) == "cuda")
+    device = choose_device(recipe, world)
     if resume and not output:
         raise RunDirectoryError("--resume needs the run's folder", fix="add --output DIR (the folder of the run to continue)")
     # Under torchrun every rank must agree on the folder (the default one has a timestamp).
@@ -194,18 +200,23 @@ def _torch_settings(recipe: Recipe, device: torch.device):
     """The run's threads and determinism, restored afterwards: a run inside a
     longer process (a notebook, a test session) leaves its settings as they were.
 
-    ``deterministic = true``: deterministic algorithms (warn-only where none
-    exists), cuDNN autotuning off — the same seed gives the same run and a resume
-    is exact. ``false``: no deterministic algorithms, cuDNN autotuning on, TF32
-    matmuls and convolutions allowed — faster on GPUs, not bit-reproducible.
+    ``deterministic = true``: deterministic algorithms only (an op that has none is
+    an error naming it, see :func:`_nondeterministic_op_error`), cuDNN autotuning
+    off — the same seed gives the same run and a resume is exact. Uninitialised
+    memory is not filled (that costs a pass over every allocation; nothing reads
+    memory before writing it). ``false``: no deterministic algorithms, cuDNN
+    autotuning on, TF32 matmuls and convolutions allowed — faster on GPUs, not
+    bit-reproducible.
     """
     threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
     if recipe.experiment.threads:
         torch.set_num_threads(recipe.experiment.threads)
     if recipe.experiment.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)  # strict: no warn_only, a non-deterministic op is an error
+        torch.utils.deterministic.fill_uninitialized_memory = False
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -217,12 +228,37 @@ def _torch_settings(recipe: Recipe, device: torch.device):
         torch.set_float32_matmul_precision("high")
     try:
         yield
+    except RuntimeError as error:
+        raise _nondeterministic_op_error(error, recipe) or error
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.backends.cudnn.benchmark = benchmark
         torch.set_float32_matmul_precision(tf32[2])  # before allow_tf32: it sets that flag too
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32[0], tf32[1]
+
+
+NONDETERMINISTIC = " does not have a deterministic implementation"  # PyTorch's words (alertNotDeterministic)
+
+
+def _nondeterministic_op_error(error: RuntimeError, recipe: Recipe) -> RecipeError | None:
+    """PyTorch's refusal of an op without a deterministic kernel, as the recipe's
+    error naming the op and the fix; ``None`` for any other error."""
+    text = str(error)
+    if "CUBLAS_WORKSPACE_CONFIG" in text:  # the user's own setting, which setdefault keeps, is not a deterministic one
+        return RecipeError("deterministic = true, but CUBLAS_WORKSPACE_CONFIG does not allow deterministic cuBLAS",
+                           file=recipe.file, key="experiment.deterministic",
+                           fix="unset CUBLAS_WORKSPACE_CONFIG (the run sets :4096:8) or set it to :4096:8 or :16:8; "
+                               "or set deterministic = false")
+    if NONDETERMINISTIC not in text:
+        return None
+    op = text.split(NONDETERMINISTIC, 1)[0].strip().splitlines()[-1]
+    return RecipeError(
+        f"deterministic = true, but {op} has no deterministic implementation on this device, so the run cannot be "
+        "bit-reproducible", file=recipe.file, key="experiment.deterministic",
+        fix="set deterministic = false (faster, not bit-reproducible; a resume continues correctly but not bit-exactly), "
+            "or avoid the op (a plugin's model or loss)")
 
 
 def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, *, quiet: bool,

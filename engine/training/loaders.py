@@ -26,6 +26,15 @@ from ..tensordata import Augmentation, BatchAugmenter, Normalizer, TensorSplit, 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def resolve_device(device: torch.device | str, world: World = World()) -> torch.device:
+    """``device`` with its index, so that it compares equal to a tensor's ``.device``:
+    ``cuda`` -> ``cuda:<local rank>`` under torchrun, else ``cuda:<current device>``."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", world.local_rank if world.distributed else torch.cuda.current_device())
+
+
 def make_loader(dataset, settings, world: World, device: torch.device, *, train: bool,
                 generator: torch.Generator | None = None, augmentation: Augmentation | None = None):
     """``settings`` is the stage's ``TrainSection``; ``generator`` shuffles (training
@@ -85,14 +94,16 @@ class TensorBatches:
 
     def __init__(self, split: TensorSplit, batch_size: int, world: World, device: torch.device, *,
                  generator: torch.Generator | None = None, augmentation: Augmentation | None = None):
-        self.split, self.batch_size, self.world, self.device = split, batch_size, world, torch.device(device)
+        self.split, self.batch_size, self.world, self.device = split, batch_size, world, resolve_device(device, world)
         self.generator = generator
         self.augmentation = augmentation if generator is not None and augmentation is not None and augmentation.active else None
         self.normalizer = Normalizer(split.mean, split.std, self.device)
         _, _, height, width = split.images.shape
         padding = self.augmentation.crop_padding if self.augmentation else 0
         self.augmenter = BatchAugmenter(height, width, padding, self.device) if self.augmentation else None
-        self.labels = split.labels.to(self.device)
+        # Labels live with the images, so a batch gathers both with one index where the
+        # data is and copies both over together (no per-batch blocking index copy).
+        self.labels = split.labels.to(split.images.device)
         self.epoch_number = 0
 
     @property
@@ -119,10 +130,11 @@ class TensorBatches:
         size = len(self.split)
         order = torch.randperm(size, generator=self.generator)
         offsets = flips = None
+        # Host-to-device copies once per epoch (the order, the augmentation), not per batch.
         if self.augmentation is not None:
             offsets, flips = draw_augmentation(size, self.augmentation, self.generator)
             offsets, flips = offsets.to(self.device), flips.to(self.device)
-        return self._training_batches(order.to(self.split.images.device), offsets, flips, skip)
+        return self._training_batches(order.to(self.split.images.device), offsets, flips, skip)  # sync point, once an epoch
 
     def _training_batches(self, order: torch.Tensor, offsets, flips, skip: int) -> Iterator[Batch]:
         size = len(self.split)
@@ -132,24 +144,23 @@ class TensorBatches:
                 break
             first, last = shard_range(stop - start, self.world)
             first, last = start + first, start + last
-            images = self._gather(order[first:last])
+            indices = order[first:last]
+            images = self._to_device(self.split.images.index_select(0, indices))
+            labels = self._to_device(self.labels.index_select(0, indices))
             if self.augmenter is not None:
                 images = self.augmenter(images, offsets[first:last], flips[first:last])
-            yield self.normalizer(images), self.labels[order[first:last].to(self.device)]
+            yield self.normalizer(images), labels
 
     def _evaluation_batches(self) -> Iterator[Batch]:
         start, stop = shard_range(len(self.split), self.world)
         for first in range(start, stop, self.batch_size):
             last = min(first + self.batch_size, stop)
             images = self._to_device(self.split.images[first:last])
-            yield self.normalizer(images), self.labels[first:last]
+            yield self.normalizer(images), self._to_device(self.labels[first:last])
 
-    def _gather(self, indices: torch.Tensor) -> torch.Tensor:
-        return self._to_device(self.split.images.index_select(0, indices))
-
-    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        if images.device == self.device:
-            return images
-        if self.device.type == "cuda":
-            images = images.pin_memory()
-        return images.to(self.device, non_blocking=True)
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch held on the CPU goes over pinned, without blocking the host; one
+        already on the device (any GPU tensor: only CPU memory can be pinned) stays."""
+        if tensor.device.type == "cpu" and self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)

@@ -5,6 +5,21 @@ when a run is interrupted) holds the model, optimiser, scheduler, loss-module st
 the position (epoch, step), the best-so-far metric, the stage's metrics history and
 every RNG state (python, numpy, torch CPU and CUDA, the data-loader generator), so a
 resumed stage continues exactly as if it had never stopped.
+
+Host-device sync points (each waits for the GPU's queued work), as nanoGPT names
+them; a training step has none of its own except where marked:
+
+* the non-finite-loss check, every ``CHECK_EVERY`` steps and at an epoch's last step
+  (every step with ``on_nan = "skip-batch"``), under DDP with the ranks' stop flags
+  in one all-reduce (:class:`~.stops.StepChecks`);
+* fp16 only: ``GradScaler.step`` reads its inf/NaN flag every step (PyTorch's own);
+* once per epoch: the epoch's sums (``train_epoch``), each evaluation's sums
+  (:mod:`.evaluate`), the best weights copied to the CPU when they improve,
+  the epoch's order copied to the data's device (:mod:`.loaders`);
+* the ``DataLoader`` path with ``pin_memory = false``: each batch's copy to the GPU;
+* only when saving mid-epoch: the check and the running sums;
+* plugins: ``pyramidkd_batch_end`` receives the loss as a tensor; reading it
+  (the console's progress bar does every 10 steps, on a terminal) is a sync.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ import attrs
 import torch
 
 from ..components import ModelSource, StageOutput, StagePlan
-from ..distributed import all_reduce_max, all_reduce_sum
+from ..distributed import all_reduce_sum
 from ..records import EpochRecord, StageResult, TeacherRef, TestRecord
 from .checkpoints import model_checkpoint, save_checkpoint
 from .evaluate import autocast_context, evaluate, stage_loss
@@ -26,7 +41,7 @@ from .models import count_macs, count_parameters, training_macs
 from .optim import step_scheduler
 from .rng import restore_rng_states, rng_states
 from .state import Progress, StageState, build_stage_state, last_checkpoint, restore_state
-from .stops import SavedPosition, StopFlag, TrainingError
+from .stops import SavedPosition, StepChecks, StopFlag
 
 
 log = logging.getLogger("pyramidkd")
@@ -127,7 +142,7 @@ class StageRunner:
         step_scheduler(state.scheduler, val_acc)
         if score > progress.best_score:
             progress.best_score, progress.best_epoch, progress.best_val_acc = score, epoch, val_acc
-            best = state.keep_best()
+            best = state.keep_best()  # sync point: the weights copied to the CPU
             if self.run.world.is_main:
                 save_checkpoint(self.checkpoint_path("best"), model_checkpoint(stage, self.run.data, best, epoch=epoch, val_acc=val_acc))
         return EpochRecord(
@@ -146,28 +161,34 @@ class StageRunner:
         state.student.train()
         state.loss_fn.train()
         num_steps = len(loader)
-        # loss sum, correct, seen: kept on the device, synchronised once per epoch
+        # loss sum, correct, seen (and a non-finite flag): kept on the device, synchronised once per epoch
         totals = torch.tensor([progress.loss_sum, progress.correct, progress.seen], dtype=torch.float64, device=self.device)
+        checks = StepChecks(self.run.world, self.device, self.stop, self.stage, self.checkpoint_path("last"))
+        step = progress.step
         for step, (images, targets) in enumerate(self.epoch_batches(epoch, loader, progress), start=progress.step + 1):
             images = state.prepare_images(images.to(self.device, non_blocking=True))
             targets = targets.to(self.device, non_blocking=True)
             with autocast_context(self.device, self.stage.train.precision):
                 student_out = state.student_tap(images)
                 loss = state.loss_fn(student_out, state.teacher_outputs(images), targets)
-            bad_loss, stop = self.step_flags(loss)
+            bad_loss, stop = checks.after_step(loss, step, num_steps)
             if bad_loss:
-                self.skip_bad_batch(epoch, step, loss, progress)
+                self.skip_bad_batch(epoch, step, checks, progress)
             else:
                 self.optimise(loss, step, images.shape[0])
                 totals[0] += loss.detach().double() * images.shape[0]
                 totals[1] += (student_out.logits.detach().argmax(1) == targets).sum()
                 totals[2] += images.shape[0]
             self.run.call("pyramidkd_batch_end", stage=self.stage, epoch=epoch, step=step, num_steps=num_steps, loss=loss.detach(),
-                          on_error=lambda: self.save_mid_epoch(progress, epoch, step, totals))
+                          on_error=lambda: self.save_mid_epoch(progress, epoch, step, totals, checks))
             if stop:
-                self.save_mid_epoch(progress, epoch, step, totals)
+                self.save_mid_epoch(progress, epoch, step, totals, checks)
                 raise self.stop.interrupted()
-        loss_sum, correct, seen = all_reduce_sum(self.run.world, totals).tolist()
+        # Sync point (and collective), once per epoch: the sums, and whether any rank saw a
+        # non-finite loss since the last check (a tail batch dropped under DDP skips the last one).
+        loss_sum, correct, seen, bad = all_reduce_sum(self.run.world, torch.cat([totals, checks.watch.flag()])).tolist()
+        if bad:
+            raise checks.nan_error(epoch, step)
         return loss_sum / max(seen, 1), correct / max(seen, 1)
 
     def epoch_batches(self, epoch: int, loader, progress: Progress):
@@ -185,22 +206,12 @@ class StageRunner:
         restore_rng_states(saved_rng, None)  # global RNGs as they were when interrupted
         return batches
 
-    def step_flags(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """Is the loss non-finite on any rank, and was a stop requested on any rank?
-        Every rank decides alike."""
-        flags = torch.stack([(~torch.isfinite(loss.detach())).double(), torch.tensor(float(self.stop.signum is not None), device=self.device)])
-        bad_loss, stop = all_reduce_max(self.run.world, flags).tolist()
-        return bool(bad_loss), bool(stop)
-
-    def skip_bad_batch(self, epoch: int, step: int, loss: torch.Tensor, progress: Progress) -> None:
+    def skip_bad_batch(self, epoch: int, step: int, checks: StepChecks, progress: Progress) -> None:
         """The NaN policy: stop (the last good checkpoint is kept) or skip the batch."""
         if self.stage.train.on_nan == "stop":
-            raise TrainingError(
-                f"stage {self.stage.id!r}, epoch {epoch}, step {step}: the loss is {loss.item()}; training stopped",
-                fix='lower the learning rate or check the data; the last good checkpoint is kept '
-                f'({os.path.relpath(self.checkpoint_path("last"))}); on_nan = "skip-batch" skips such batches',
-            )
+            raise checks.nan_error(epoch, step)
         progress.skipped_batches += 1
+        checks.watch.reset()
         self.state.optimizer.zero_grad(set_to_none=True)
 
     def optimise(self, loss: torch.Tensor, step: int, local_batch: int) -> None:
@@ -216,7 +227,7 @@ class StageRunner:
         if settings.grad_clip > 0:
             state.scaler.unscale_(state.optimizer)
             torch.nn.utils.clip_grad_norm_(state.trained_parameters, settings.grad_clip)
-        state.scaler.step(state.optimizer)
+        state.scaler.step(state.optimizer)  # sync point under fp16 only: GradScaler reads its inf/NaN flag
         state.scaler.update()
 
     # -- saving ------------------------------------------------------------------
@@ -228,8 +239,12 @@ class StageRunner:
             save_checkpoint(path, checkpoint)
         self.stop.record_save(SavedPosition(path, progress.epoch, progress.step, self.num_steps))
 
-    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor) -> None:
-        loss_sum, correct, seen = totals.tolist()
+    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor, checks: StepChecks) -> None:
+        """Save ``last`` mid-epoch (a stop, a failing hook) — never weights trained on a
+        non-finite loss the deferred check has not read yet: then the NaN stop instead."""
+        if checks.watch.read() is not None:  # sync point, only when saving
+            raise checks.nan_error(epoch, step)
+        loss_sum, correct, seen = totals.tolist()  # sync point, only when saving
         self.save_last(attrs.evolve(progress, epoch=epoch - 1, step=step, loss_sum=loss_sum, correct=int(correct), seen=int(seen)))
 
     # -- end of stage ------------------------------------------------------------

@@ -59,9 +59,36 @@ def _same_shape(student: torch.Tensor, teacher: torch.Tensor, loss: str, tap: st
 
 
 def _pool_to(tensor: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    if tuple(tensor.shape[-2:]) == tuple(size):
+    """Adaptive pooling to ``size``, by ops whose backward is deterministic on CUDA
+    (``adaptive_{avg,max}_pool2d``'s is not, so ``deterministic = true`` refuses it).
+
+    When the sizes divide (every built-in scheme) it is plain pooling with the exact
+    kernel, the same windows and values; otherwise the same windows as adaptive
+    pooling, averaged by two matrix products or maxed window by window."""
+    height, width = tensor.shape[-2:]
+    if (height, width) == tuple(size):
         return tensor
-    return F.adaptive_max_pool2d(tensor, size) if mode == "max" else F.adaptive_avg_pool2d(tensor, size)
+    if height % size[0] == 0 and width % size[1] == 0:
+        kernel = (height // size[0], width // size[1])
+        return F.max_pool2d(tensor, kernel) if mode == "max" else F.avg_pool2d(tensor, kernel)
+    rows, columns = _windows(height, size[0]), _windows(width, size[1])
+    if mode == "max":
+        return torch.stack([torch.stack([tensor[..., r0:r1, c0:c1].amax(dim=(-2, -1)) for c0, c1 in columns], -1)
+                            for r0, r1 in rows], -2)
+    return _averaging(rows, height, tensor) @ tensor @ _averaging(columns, width, tensor).T
+
+
+def _windows(length: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's windows: [floor(i·L/out), ceil((i+1)·L/out))."""
+    return [(i * length // out, -(-(i + 1) * length // out)) for i in range(out)]
+
+
+def _averaging(windows: list[tuple[int, int]], length: int, like: torch.Tensor) -> torch.Tensor:
+    """[out, length]: row i averages window i."""
+    matrix = torch.zeros(len(windows), length, dtype=like.dtype, device=like.device)
+    for i, (start, stop) in enumerate(windows):
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
 
 
 def gram_matrix(f_in: torch.Tensor, f_out: torch.Tensor, pool: str = "avg") -> torch.Tensor:
