@@ -8,16 +8,27 @@ generator) and split across ranks — by :class:`GlobalBatchSampler` on the
 (same order, same shares) on the tensor path — and every rank's loss is weighted by its share
 of the batch, so the averaged gradient equals the single-process one up to float
 summation order.
+
+Two things make that hold beyond the plain student: every trainable parameter of
+the loss (a FitNet regressor, a connector) is reduced with the student's (the DDP
+module holds both, :mod:`~pyramidkd.engine.training.state`), and BatchNorm layers
+normalise over the global batch with ``train.sync_batchnorm`` (SyncBatchNorm,
+CUDA only in PyTorch: on CPUs each rank keeps its own statistics).
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import logging
 import os
 
 import attrs
 import torch
 import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("pyramidkd")
 
 
 @attrs.define(frozen=True)
@@ -46,11 +57,26 @@ def init_world(use_cuda: bool) -> World:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # The group this process joined is left when it ends (NCCL warns, and may
+        # hang on exit, when a process ends with its group still alive).
+        atexit.register(close_world)
     return World(rank, size, local_rank)
 
 
+def close_world() -> None:
+    """Leave the process group (``destroy_process_group``); safe to call twice."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(world: World) -> None:
-    if world.distributed:
+    if not world.distributed:
+        return
+    if dist.get_backend() == "nccl":
+        # NCCL's barrier needs the rank's device; without it, it guesses one from
+        # the rank (a warning, and a hang where that guess is wrong).
+        dist.barrier(device_ids=[world.local_rank])
+    else:
         dist.barrier()
 
 
@@ -72,6 +98,30 @@ def broadcast_object(world: World, value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sync_batchnorm(model: nn.Module, world: World, device: torch.device, enabled: bool) -> nn.Module:
+    """``model`` with its BatchNorm layers as ``SyncBatchNorm`` (statistics over the
+    global batch, as in one process) under torchrun on CUDA with ``train.sync_batchnorm``.
+    PyTorch has SyncBatchNorm on GPUs only: on CPUs (gloo) the model is kept, with
+    one warning per process that BN statistics stay per rank."""
+    if not (enabled and world.distributed and has_batchnorm(model)):
+        return model
+    if device.type != "cuda":
+        if world.is_main and not _warned:
+            _warned.append(True)
+            log.warning(f"train.sync_batchnorm = true, but PyTorch's SyncBatchNorm needs CUDA: on this {device.type} run "
+                        "(gloo) each rank normalises with its own share of the batch, so a BatchNorm model does not match "
+                        "the single-process run; set sync_batchnorm = false to accept that without this warning")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+_warned: list[bool] = []  # the CPU warning above, once per process
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
 
 
 def shard_range(count: int, world: World) -> tuple[int, int]:

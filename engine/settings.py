@@ -63,6 +63,13 @@ class TrainSection:
     precision: Literal["fp32", "bf16", "fp16"] = attrs.field(default="fp32", metadata={"help": "autocast precision (fp16 uses a GradScaler)"})
     channels_last: bool = False
     compile: bool = attrs.field(default=False, metadata={"help": "torch.compile the student and teacher forward"})
+    # Default true: under torchrun a BN model then normalises over the global batch,
+    # as the single-process run does (the contract: same recipe, same result), at the
+    # cost of one all-reduce per BN layer per step; no effect in one process.
+    sync_batchnorm: bool = attrs.field(default=True, metadata={
+        "help": "under torchrun on GPUs, SyncBatchNorm: BatchNorm statistics over the global batch, as in one process "
+                "(false: each rank's own share, faster, not the single-process result); PyTorch has no SyncBatchNorm "
+                "on CPUs (gloo), where ranks keep their own statistics (one warning)"})
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "batches each worker loads ahead"})

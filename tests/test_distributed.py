@@ -108,6 +108,84 @@ def two_process_run_matches_single_process(recipe, tmp_path, cli, data_line: str
     assert len(right) == len(left)
 
 
+# A loss with a trainable regressor built in setup(), as the FitNet hint loss has:
+# each process saves its copy when it ends, so the test can compare the ranks'.
+REGRESSOR_PLUGIN = """
+import atexit, os
+import torch
+import torch.nn.functional as F
+from torch import nn
+from pyramidkd.engine import Loss, hookimpl
+
+class RegressedCE(Loss):
+    name = "regressed-ce"
+
+    def setup(self, student, teachers):
+        classes = student.logits.shape[1]
+        self.regressor = nn.Linear(classes, classes)
+        path = os.path.join(os.environ["REGRESSOR_DIR"], f"rank{os.environ.get('RANK', '0')}.pt")
+        atexit.register(lambda: torch.save(self.regressor.state_dict(), path))
+
+    def forward(self, student, teachers, targets):
+        return F.cross_entropy(self.regressor(student.logits.float()), targets)
+
+@hookimpl
+def pyramidkd_register_losses():
+    return [RegressedCE]
+"""
+
+REGRESSOR_RECIPE = DDP_RECIPE.replace('name = "ddp"', 'name = "ddp"\nplugins = ["regressor_loss"]').split("[[stages]]")[0] + """
+[[stages]]
+id = "student"
+scheme = "scratch"
+model = { name = "vgg", layers = [4, "M"], batch_norm = false, dropout = 0.0 }
+loss = { name = "regressed-ce" }
+"""
+
+
+def torchrun(recipe, output, env: dict, nproc: int = 2):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "-m", "pyramidkd", "run", str(recipe), "--quiet", "--output", str(output)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300,
+    )
+
+
+def test_a_loss_with_trainable_parameters_is_all_reduced_like_the_student(tmp_path):
+    """Issue 19 item 3: the loss's own parameters (a FitNet regressor) are trained by
+    every rank on its share of the batch; unreduced, they drift apart per rank."""
+    import torch
+
+    (tmp_path / "regressor_loss.py").write_text(REGRESSOR_PLUGIN)
+    recipe = tmp_path / "regressor.toml"
+    recipe.write_text(REGRESSOR_RECIPE)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir(), ddp.mkdir()
+    done = torchrun(recipe, tmp_path / "ddp-run", {"REGRESSOR_DIR": str(ddp)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = (torch.load(ddp / f"rank{rank}.pt") for rank in (0, 1))
+    assert first.keys() == second.keys() == {"weight", "bias"}
+    for key in first:
+        assert torch.equal(first[key], second[key]), f"regressor.{key} differs between the ranks"
+    # ... and averaged as the student's gradients are: the single-process regressor
+    alone = subprocess.run([sys.executable, "-m", "pyramidkd", "run", str(recipe), "--quiet", "--output", str(tmp_path / "single-run")],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "REGRESSOR_DIR": str(single)})
+    assert alone.returncode == 0, alone.stderr
+    reference = torch.load(single / "rank0.pt")
+    for key in first:
+        torch.testing.assert_close(first[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_batchnorm_model_on_gloo_runs_with_one_warning_about_sync_batchnorm(tmp_path):
+    """PyTorch's SyncBatchNorm is CUDA-only: a CPU torchrun run of a BN model keeps
+    per-rank statistics and says so once (train.sync_batchnorm defaults to true)."""
+    recipe = tmp_path / "bn.toml"
+    recipe.write_text(DDP_RECIPE.replace("batch_norm = false", "batch_norm = true").replace("epochs = 2", "epochs = 1"))
+    done = torchrun(recipe, tmp_path / "ddp", {})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.count("train.sync_batchnorm = true, but PyTorch's SyncBatchNorm needs CUDA") == 1, done.stderr
+
+
 @pytest.mark.parametrize("switches", [
     ["train.precision=\"bf16\"", "train.channels_last=true"],
     ["train.precision=\"fp16\""],
@@ -157,3 +235,125 @@ def test_deterministic_switch_sets_torch_for_the_run_and_restores_it(determinist
     after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     assert after == before
+
+
+# --- SyncBatchNorm (train.sync_batchnorm), checked without a GPU ---------------------
+
+
+def bn_model():
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2), nn.BatchNorm1d(2))
+
+
+def test_sync_batchnorm_converts_every_bn_layer_under_torchrun_on_cuda():
+    import torch
+    from torch import nn
+
+    from pyramidkd.engine.distributed import World, sync_batchnorm
+
+    model = bn_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = sync_batchnorm(model, World(rank=1, size=2, local_rank=1), torch.device("cuda", 1), True)
+    kinds = [type(m) for m in converted.modules()]
+    assert kinds.count(nn.SyncBatchNorm) == 2 and nn.BatchNorm2d not in kinds and nn.BatchNorm1d not in kinds
+    # same keys and values: its checkpoints load into the plain BN model (teachers, init_from, best)
+    assert converted.state_dict().keys() == before.keys()
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in before.items())
+    bn_model().load_state_dict(converted.state_dict())
+
+
+@pytest.mark.parametrize("enabled, size, device", [(False, 2, "cuda"), (True, 1, "cuda"), (True, 1, "cpu")])
+def test_sync_batchnorm_leaves_the_model_alone_when_off_or_in_one_process(enabled, size, device, caplog):
+    import torch
+
+    from pyramidkd.engine.distributed import World, sync_batchnorm
+
+    model = bn_model()
+    assert sync_batchnorm(model, World(size=size), torch.device(device), enabled) is model
+    assert not caplog.records
+
+
+def test_sync_batchnorm_on_gloo_keeps_per_rank_bn_with_one_warning(monkeypatch, caplog):
+    """PyTorch's SyncBatchNorm refuses CPU tensors: a CPU torchrun run keeps its BN
+    layers and says once what that means."""
+    import torch
+    from torch import nn
+
+    from pyramidkd.engine import distributed
+    from pyramidkd.engine.distributed import World, sync_batchnorm
+
+    monkeypatch.setattr(distributed, "_warned", [])
+    world = World(rank=0, size=2)
+    for _ in range(3):  # stages
+        model = bn_model()
+        assert sync_batchnorm(model, world, torch.device("cpu"), True) is model
+        assert nn.SyncBatchNorm not in [type(m) for m in model.modules()]
+    warnings = [r.getMessage() for r in caplog.records if "sync_batchnorm" in r.getMessage()]
+    assert len(warnings) == 1 and "needs CUDA" in warnings[0] and "sync_batchnorm = false" in warnings[0]
+    no_bn = nn.Sequential(nn.Linear(2, 2))
+    monkeypatch.setattr(distributed, "_warned", [])
+    caplog.clear()
+    assert sync_batchnorm(no_bn, world, torch.device("cpu"), True) is no_bn and not caplog.records  # nothing to say
+
+
+def test_the_sync_batchnorm_key_is_validated_like_every_train_key(tmp_path):
+    from conftest import TINY_RECIPE
+
+    from pyramidkd.engine import RecipeError
+    from pyramidkd.engine.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE)
+    assert load_recipe(str(path)).train.sync_batchnorm is True  # the default: DDP normalises as one process does
+    assert load_recipe(str(path), ["train.sync_batchnorm=false"]).train.sync_batchnorm is False
+    assert load_recipe(str(path), ["stages.student.train.sync_batchnorm=false"]).stages[1].train.sync_batchnorm is False
+    with pytest.raises(RecipeError, match=r"train\.sync_batchnorm.*true or false"):
+        load_recipe(str(path), ['train.sync_batchnorm="yes"'])
+    path.write_text(TINY_RECIPE.replace("epochs = 2\n", "epochs = 2\nsync_batchnom = true\n", 1))
+    with pytest.raises(RecipeError, match="did you mean 'sync_batchnorm'"):
+        load_recipe(str(path))
+
+
+# --- the process group's end and its barrier --------------------------------------------
+
+
+def test_nccl_barrier_names_the_ranks_device_and_gloo_does_not(monkeypatch):
+    from pyramidkd.engine import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda **kwargs: calls.append(kwargs))
+    for backend in ("nccl", "gloo"):
+        monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None, backend=backend: backend)
+        distributed.barrier(distributed.World(rank=3, size=4, local_rank=1))
+    distributed.barrier(distributed.World())  # one process: no collective at all
+    assert calls == [{"device_ids": [1]}, {}]
+
+
+def test_the_process_group_joined_is_destroyed_when_the_process_ends(monkeypatch):
+    import atexit
+
+    from pyramidkd.engine import distributed
+
+    state = {"initialized": False, "destroyed": 0}
+    exits = []
+
+    def init_process_group(**kwargs):
+        state["initialized"] = True
+
+    def destroy_process_group():
+        state["initialized"], state["destroyed"] = False, state["destroyed"] + 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: state["initialized"])
+    monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy_process_group)
+    monkeypatch.setattr(atexit, "register", exits.append)
+    world = distributed.init_world(use_cuda=False)
+    assert world == distributed.World(rank=1, size=2, local_rank=1) and state["initialized"]
+    assert len(exits) == 1
+    exits[0]()
+    exits[0]()  # twice (an explicit close_world, then the exit handler): destroyed once
+    assert state == {"initialized": False, "destroyed": 1}

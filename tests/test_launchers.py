@@ -32,7 +32,7 @@ from pyramidkd.engine import hookimpl
 
 @hookimpl
 def pyramidkd_run_start(run):
-    seen = {"pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    seen = {"pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "order": os.environ.get("CUDA_DEVICE_ORDER"),
             "omp": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
     with open(os.path.join(run.directory.path, "probe.json"), "w") as handle:
         json.dump(seen, handle)
@@ -92,9 +92,12 @@ def figures(job: RunJob) -> dict:
 # --- local ------------------------------------------------------------------
 
 
-def test_local_runs_each_job_in_a_child_process_with_its_threads_and_gpu(tmp_path, recipe):
+def test_local_runs_each_job_in_a_child_process_with_its_threads_and_gpu(tmp_path, recipe, monkeypatch):
     jobs = [make_job(tmp_path, recipe, seed) for seed in (0, 3, 4)]
-    launcher = testing.build_component("launcher", "local", {"workers": 2, "threads": 1, "gpus": [5, 6]})
+    # The sweep was given GPUs 4-7 (by a scheduler, say): gpus are indices into those.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    launcher = testing.build_component("launcher", "local", {"workers": 2, "threads": 1, "gpus": [1, 2]})
     outcomes = launch(launcher, jobs, tmp_path)
     for job in jobs:
         assert outcomes[job.key].ok, outcomes[job.key]
@@ -102,7 +105,8 @@ def test_local_runs_each_job_in_a_child_process_with_its_threads_and_gpu(tmp_pat
         seen = probe(job)
         assert seen["pid"] != os.getpid()
         assert seen["omp"] == "1" and seen["torch_threads"] == 1
-        assert seen["cuda"] in ("5", "6")  # each worker's GPU (the recipe trains on the CPU)
+        assert seen["cuda"] in ("5", "6")  # each worker's GPU, as the sweep names it (the recipe trains on the CPU)
+        assert seen["order"] == "PCI_BUS_ID"  # ids as nvidia-smi numbers them
         assert f"== {job.key}: done" in Path(job.log_file).read_text()
     assert len({probe(job)["pid"] for job in jobs}) == 3
 
@@ -193,7 +197,28 @@ def test_worker_slots_threads_and_environment(monkeypatch):
     assert local.LocalLauncher(local.LocalParams(workers=2)).gpus == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7,9")  # the devices torch counts are the first ones listed
     assert local.visible_gpus() == ["4", "7"]
-    assert local.LocalLauncher(local.LocalParams(threads=3, gpus=[1])).describe() == "local: 1 worker x 3 threads, GPUs 1"
+    # explicit gpus index the visible list: GPU 1 of "4,7,9" is the parent's 7
+    assert local.LocalLauncher(local.LocalParams(threads=3, gpus=[1])).describe() == "local: 1 worker x 3 threads, GPUs 7"
+
+
+def test_explicit_gpus_are_indices_into_the_parents_visible_devices(monkeypatch):
+    assert local.chosen_gpus([0, 1], None) == ["0", "1"]  # nothing hidden: indices are nvidia-smi's ids
+    assert local.chosen_gpus([1, 0], "2,3") == ["3", "2"]
+    assert local.chosen_gpus([0], "GPU-a1b2, GPU-c3d4") == ["GPU-a1b2"]  # UUIDs pass through
+    with pytest.raises(UserError, match="launcher.gpus") as raised:
+        local.chosen_gpus([0, 2], "2,3")
+    assert "[2] is not among them" in str(raised.value) and "indices 0 to 1" in str(raised.value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    launcher = local.LocalLauncher(local.LocalParams(workers=3, gpus=[1, 0]))
+    assert local.worker_slots(3, launcher.gpus) == ["3", "2", "3"]
+
+
+def test_children_number_gpus_as_nvidia_smi_does():
+    env = local.child_environment({"PATH": "/bin"}, 1, "3")
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert local.child_environment({"PATH": "/bin"}, 1, None)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # an order the sweep's environment chose is kept: its CUDA_VISIBLE_DEVICES ids are in that order
+    assert local.child_environment({"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, 1, "3")["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
 
 
 def test_the_launchers_params_are_validated():

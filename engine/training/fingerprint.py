@@ -22,6 +22,9 @@ from ..records import StageResult
 
 # Bump when the description below changes meaning: every stored stage then counts as changed.
 FINGERPRINT_VERSION = 1
+# [train] keys added since version 1, left out while at their default: a stage stored
+# before a key existed is still reused (its value then was the default's behaviour).
+LATER_TRAIN_KEYS = {"sync_batchnorm": True}
 
 
 def component_description(spec: ComponentSpec) -> dict[str, Any]:
@@ -65,7 +68,7 @@ class Fingerprints:
             "stage": stage.id,  # the stage's seed derives from it
             "model": component_description(stage.model),
             "loss": component_description(stage.loss),
-            "train": attrs.asdict(stage.train),
+            "train": train_description(stage.train),
             "dataset": self.dataset,
             "seed": self.seed,
             "trainable": stage.trainable,
@@ -83,6 +86,14 @@ class Fingerprints:
         if source.path not in self._files:
             self._files[source.path] = file_digest(source.path)
         return {"file_sha256": self._files[source.path]}
+
+
+def train_description(train) -> dict[str, Any]:
+    described = attrs.asdict(train)
+    for key, default in LATER_TRAIN_KEYS.items():
+        if key in described and described[key] == default:
+            del described[key]
+    return described
 
 
 def _digest(description: dict[str, Any]) -> str:

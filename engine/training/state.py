@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..components import Loss, ModelOutput, ModelSource, StageOutput, StagePlan
+from ..distributed import sync_batchnorm
 from ..errors import CheckpointError, RecipeError
 from ..records import EpochRecord
 from .checkpoints import load_checkpoint, model_checkpoint
@@ -134,6 +135,7 @@ def build_stage_state(run, stage: StagePlan, teacher_cache: dict) -> StageState:
     if stage.init_from is not None:
         checkpoint, _ = load_source(run, stage.init_from)
         inherited = inherit_weights(student, checkpoint["state_dict"])
+    student = sync_batchnorm(student, run.world, device, settings.sync_batchnorm)  # before the taps hook its modules
     student.to(device)
     if settings.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -143,21 +145,18 @@ def build_stage_state(run, stage: StagePlan, teacher_cache: dict) -> StageState:
             teacher.to(memory_format=torch.channels_last)
     loss_fn = stage.loss.instantiate().to(device)
 
-    forward = student
-    if run.world.distributed:
-        forward = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    teacher_forwards = list(teachers)
-    if settings.compile:
-        forward = torch.compile(forward)
-        teacher_forwards = [torch.compile(t) for t in teachers]
-    student_tap = TapRecorder(student, stage.student_taps, role="student", stage_id=stage.id, forward=forward)
-    teacher_taps = [TapRecorder(t, stage.teacher_taps, role="teacher", stage_id=stage.id, forward=f)
-                    for t, f in zip(teachers, teacher_forwards)]
+    # The loss's shape-dependent parameters exist (setup, on the plain student) and
+    # what trains is marked before DDP is built: DDP reduces what requires grad then.
+    student_tap = TapRecorder(student, stage.student_taps, role="student", stage_id=stage.id)
+    teacher_taps = [TapRecorder(t, stage.teacher_taps, role="teacher", stage_id=stage.id) for t in teachers]
     generator = torch.Generator().manual_seed(seed)
     if type(loss_fn).setup is not Loss.setup:  # shape-dependent loss parameters
         _setup_loss(loss_fn, student_tap, teacher_taps, settings.channels_last, run.data.train, device)
-
     trainable = _trainable_parameters(student, loss_fn, stage)
+    student_tap.forward = _student_forward(run, student, loss_fn, settings.compile)
+    if settings.compile:
+        for tap in teacher_taps:
+            tap.forward = torch.compile(tap.model)
     optimizer = make_optimizer(trainable, settings)
     return StageState(
         student=student,
@@ -171,6 +170,32 @@ def build_stage_state(run, stage: StagePlan, teacher_cache: dict) -> StageState:
         channels_last=settings.channels_last,
         inherited=inherited,
     )
+
+
+class StudentAndLoss(nn.Module):
+    """The student and the loss in one module whose forward is the student's: DDP
+    wraps it, so the loss's own trainable parameters (a FitNet regressor, a
+    connector) are all-reduced with the student's instead of drifting per rank
+    (rank 0's copy being the one saved). The loss itself runs outside the DDP
+    forward; its gradients reach DDP's hooks in the same backward."""
+
+    def __init__(self, student: nn.Module, loss_fn: Loss):
+        super().__init__()
+        self.student, self.loss_fn = student, loss_fn
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+
+def _student_forward(run, student: nn.Module, loss_fn: Loss, compile_: bool):
+    """What the student's tap calls: the plain student, or under torchrun the DDP
+    wrapper of student and loss; torch.compile'd over that with ``compile``."""
+    forward = student
+    if run.world.distributed:
+        device = run.device
+        forward = torch.nn.parallel.DistributedDataParallel(
+            StudentAndLoss(student, loss_fn), device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(forward) if compile_ else forward
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
     name = "local"
     workers = 2          # runs at the same time
     threads = 4          # torch CPU threads per run (default: the CPUs split between workers)
-    gpus = [0, 1]        # GPU ids (default: every visible GPU when there are several)
+    gpus = [0, 1]        # GPUs by index among the visible ones (default: every visible GPU when there are several)
 
 Each run is a fresh ``python -m pyramidkd.engine.sweeps.jobs JOB.json`` process,
 so a run that crashes (or is killed) takes no other run with it: it is reported
@@ -18,6 +18,11 @@ kills them.
 On a machine with several GPUs each worker gets one through
 ``CUDA_VISIBLE_DEVICES``; with more workers than GPUs they take turns over the
 list, so ``workers = 4`` with ``gpus = [0, 1]`` puts two runs on each GPU.
+``gpus`` are indices into the GPUs the sweep itself sees: under
+``CUDA_VISIBLE_DEVICES=2,3`` (a scheduler's share), ``gpus = [1]`` is GPU 3.
+The children get ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (unless the sweep's environment
+sets an order), so ids mean what ``nvidia-smi`` shows rather than CUDA's
+fastest-first order.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 
 import attrs
 
-from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, RunJob, hookimpl, outcome_file, positive, write_job_file
+from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, RunJob, UserError, hookimpl, outcome_file, positive, write_job_file
 
 JOB_MODULE = "pyramidkd.engine.sweeps.jobs"  # `python -m` it with a job file: one run, then an outcome file
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -48,7 +53,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGINT, signal.SIGKILL)
 
 def _gpu_ids(instance, attribute, value):
     if value is not None and any(gpu < 0 for gpu in value):
-        raise FieldValueError(f"GPU ids are 0 or more, got {value!r}", "list GPU ids as nvidia-smi numbers them, e.g. [0, 1]")
+        raise FieldValueError(f"GPU indices are 0 or more, got {value!r}",
+                              "list GPUs by index among the visible ones (nvidia-smi's numbers without CUDA_VISIBLE_DEVICES), e.g. [0, 1]")
 
 
 @attrs.define
@@ -57,7 +63,8 @@ class LocalParams:
     threads: int | None = attrs.field(default=None, validator=positive,
                                       metadata={"help": "torch CPU threads per run; default: the CPUs divided by workers"})
     gpus: list[int] | None = attrs.field(default=None, validator=_gpu_ids,
-                                         metadata={"help": "GPU ids, one per worker; default: every visible GPU when there are several"})
+                                         metadata={"help": "GPUs by index among the visible ones (CUDA_VISIBLE_DEVICES when set, else "
+                                                           "nvidia-smi's numbers), one per worker; default: every visible GPU when there are several"})
 
 
 def available_cpus() -> int:
@@ -80,6 +87,21 @@ def visible_gpus() -> list[str]:
     return [entry.strip() for entry in listed.split(",")][:count]
 
 
+def chosen_gpus(indices: list[int], listed: str | None) -> list[str]:
+    """The parent's device names for ``gpus`` indices: entries of its
+    ``CUDA_VISIBLE_DEVICES`` when set (a child's own numbering starts again at 0,
+    so passing an index on would pick the wrong GPU), else the indices as ids."""
+    if listed is None:
+        return [str(index) for index in indices]
+    visible = [entry.strip() for entry in listed.split(",") if entry.strip()]
+    outside = [index for index in indices if index >= len(visible)]
+    if outside:
+        raise UserError(f"gpus = {indices!r}, but CUDA_VISIBLE_DEVICES={listed!r} makes {len(visible)} GPU(s) visible "
+                        f"(indices 0 to {len(visible) - 1}); {outside!r} is not among them", key="launcher.gpus",
+                        fix="give indices into the visible GPUs (gpus = [0] is the first one listed), or widen CUDA_VISIBLE_DEVICES")
+    return [visible[index] for index in indices]
+
+
 def worker_slots(workers: int, gpus: list[str]) -> list[str | None]:
     """What each worker runs on: a GPU (taking turns over ``gpus`` when there are
     more workers than GPUs) or, without GPUs to hand out, ``None``."""
@@ -94,6 +116,7 @@ def child_environment(base: dict[str, str], threads: int, gpu: str | None) -> di
     env = dict(base)
     env.update({name: str(threads) for name in THREAD_VARIABLES})
     env["PYTHONUNBUFFERED"] = "1"  # a crash's last words reach the log
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # ids as nvidia-smi numbers them (CUDA's default: fastest first)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
@@ -168,7 +191,7 @@ class LocalLauncher(Launcher):
     @property
     def gpus(self) -> list[str]:
         if self.params.gpus is not None:
-            return [str(gpu) for gpu in self.params.gpus]
+            return chosen_gpus(self.params.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
         found = visible_gpus()
         return found if len(found) > 1 else []  # one GPU: every run uses it anyway
 
