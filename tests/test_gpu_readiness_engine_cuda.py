@@ -10,6 +10,7 @@ import torch
 
 from pyramidkd import testing
 
+pytestmark = pytest.mark.cuda  # part of the GPU check's test matrix (pytest -m cuda)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Hint (fitnet) and gram stages on the tensor path: adaptive pooling's backward,
