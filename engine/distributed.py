@@ -92,6 +92,18 @@ def all_reduce_max(world: World, values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_tensors(world: World, value: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``value`` (same shape and dtype on each), on the CPU, in rank order.
+    A collective: every rank must call it at the same point."""
+    if not world.distributed:
+        return [value]
+    device = torch.device("cuda", world.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = value.to(device)
+    parts = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(parts, local)
+    return [part.cpu() for part in parts]  # sync point: a few bytes per rank, at a save only
+
+
 def broadcast_object(world: World, value):
     if not world.distributed:
         return value

@@ -108,3 +108,43 @@ def test_no_cuda_no_cuda_state(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert rng.rng_states(torch.Generator())["cuda"] is None
     rng.restore_rng_states({**rng.rng_states(torch.Generator()), "cuda": {"device": 0, "state": torch.zeros(16)}}, None)
+
+
+def test_every_ranks_cuda_state_is_saved_and_each_rank_resumes_its_own(monkeypatch):
+    """Under torchrun, ranks' CUDA generators differ where their batch sizes did: the
+    saving rank stores every rank's (gathered by the stage loop), each rank restores
+    its own; a rank the saving run did not have takes the saver's."""
+    cuda = FakeCuda(monkeypatch, devices=4, current=0)
+    ranks = [torch.full((16,), 10 + r, dtype=torch.uint8) for r in range(3)]
+    saved = weights_only_round_trip(rng.rng_states(torch.Generator(), cuda_ranks=ranks))
+    for rank, expected in ((1, ranks[1]), (2, ranks[2]), (3, saved["cuda"]["state"])):
+        cuda.set_calls.clear()
+        cuda.current = rank
+        rng.restore_rng_states(saved, torch.Generator(), rank)
+        assert [index for index, _ in cuda.set_calls] == [rank] and torch.equal(cuda.set_calls[0][1], expected)
+
+
+def _gather_worker(rank: int, size: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pyramidkd.engine.distributed import World, all_gather_tensors
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        parts = all_gather_tensors(World(rank, size, rank), torch.full((16,), rank, dtype=torch.uint8))
+        torch.save([p.tolist() for p in parts], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_tensors_gives_every_rank_every_state_in_rank_order(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path / "parts")), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"parts.{rank}") == [[0] * 16, [1] * 16]

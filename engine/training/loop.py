@@ -18,6 +18,7 @@ them; a training step has none of its own except where marked:
   the epoch's order copied to the data's device (:mod:`.loaders`);
 * the ``DataLoader`` path with ``pin_memory = false``: each batch's copy to the GPU;
 * only when saving mid-epoch: the check and the running sums;
+* under torchrun on GPUs, at each save: every rank's CUDA generator state, gathered;
 * plugins: ``pyramidkd_batch_end`` receives the loss as a tensor; reading it
   (the console's progress bar does every 10 steps, on a terminal) is a sync.
 """
@@ -32,7 +33,7 @@ import attrs
 import torch
 
 from ..components import ModelSource, StageOutput, StagePlan
-from ..distributed import all_reduce_sum
+from ..distributed import all_gather_tensors, all_reduce_sum
 from ..records import EpochRecord, StageResult, TeacherRef, TestRecord
 from .checkpoints import model_checkpoint, save_checkpoint
 from .evaluate import autocast_context, evaluate, stage_loss
@@ -81,7 +82,7 @@ class StageRunner:
         elapsed_before = 0.0
         if resume_checkpoint is not None:
             path = self.checkpoint_path("last")
-            progress = restore_state(self.state, resume_checkpoint, path, self.checkpoint_path("best"))
+            progress = restore_state(self.state, resume_checkpoint, path, self.checkpoint_path("best"), self.run.world.rank)
             elapsed_before = resume_checkpoint.get("elapsed_s", 0.0)
             self.warn_on_another_data_path(resume_checkpoint.get("data_path"))
             self.stop.record_save(SavedPosition(path, progress.epoch, progress.step))
@@ -180,7 +181,7 @@ class StageRunner:
                 totals[1] += (student_out.logits.detach().argmax(1) == targets).sum()
                 totals[2] += images.shape[0]
             self.run.call("pyramidkd_batch_end", stage=self.stage, epoch=epoch, step=step, num_steps=num_steps, loss=loss.detach(),
-                          on_error=lambda: self.save_mid_epoch(progress, epoch, step, totals, checks))
+                          on_error=lambda: self.save_mid_epoch(progress, epoch, step, totals, checks, gather=False))
             if stop:
                 self.save_mid_epoch(progress, epoch, step, totals, checks)
                 raise self.stop.interrupted()
@@ -231,21 +232,26 @@ class StageRunner:
         state.scaler.update()
 
     # -- saving ------------------------------------------------------------------
-    def save_last(self, progress: Progress) -> None:
+    def save_last(self, progress: Progress, *, gather: bool = True) -> None:
+        """``gather``: collect every rank's CUDA generator state (a collective, so only
+        where all ranks save together: epoch ends and agreed stops, not one rank's error)."""
+        cuda_ranks = every_ranks_cuda_rng_state(self.run.world) if gather else None
         checkpoint = last_checkpoint(self.run, self.stage, self.state, progress, elapsed_s=time.time() - self.started,
-                                     fingerprint=self.fingerprint)
+                                     fingerprint=self.fingerprint, cuda_ranks=cuda_ranks)
         path = self.checkpoint_path("last")
         if self.run.world.is_main:
             save_checkpoint(path, checkpoint)
         self.stop.record_save(SavedPosition(path, progress.epoch, progress.step, self.num_steps))
 
-    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor, checks: StepChecks) -> None:
+    def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor, checks: StepChecks, *,
+                       gather: bool = True) -> None:
         """Save ``last`` mid-epoch (a stop, a failing hook) — never weights trained on a
         non-finite loss the deferred check has not read yet: then the NaN stop instead."""
         if checks.watch.read() is not None:  # sync point, only when saving
             raise checks.nan_error(epoch, step)
         loss_sum, correct, seen = totals.tolist()  # sync point, only when saving
-        self.save_last(attrs.evolve(progress, epoch=epoch - 1, step=step, loss_sum=loss_sum, correct=int(correct), seen=int(seen)))
+        self.save_last(attrs.evolve(progress, epoch=epoch - 1, step=step, loss_sum=loss_sum, correct=int(correct), seen=int(seen)),
+                       gather=gather)
 
     # -- end of stage ------------------------------------------------------------
     def finish(self, progress: Progress) -> StageResult:
@@ -291,3 +297,10 @@ class StageRunner:
             return TeacherRef(stage=source.stage_id, model=earlier.model if earlier else None,
                               test_acc=earlier.test_acc if earlier else None)
         return TeacherRef(file=source.path)
+
+
+def every_ranks_cuda_rng_state(world) -> list[torch.Tensor] | None:
+    """Every rank's CUDA generator state in rank order under torchrun on GPUs, else None."""
+    if not (world.distributed and torch.cuda.is_available()):
+        return None
+    return all_gather_tensors(world, torch.cuda.get_rng_state(torch.cuda.current_device()))

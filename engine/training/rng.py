@@ -31,21 +31,26 @@ def stage_seed(seed: int, stage_id: str) -> int:
     return zlib.crc32(f"{seed}:{stage_id}".encode()) & 0x7FFFFFFF
 
 
-def rng_states(generator: torch.Generator) -> dict:
+def rng_states(generator: torch.Generator, cuda_ranks: list[torch.Tensor] | None = None) -> dict:
+    """``cuda_ranks``: every rank's CUDA generator state, in rank order (under torchrun,
+    gathered by the caller), so that each rank of a resumed run gets its own back."""
+    cuda = cuda_state()
+    if cuda is not None and cuda_ranks is not None:
+        cuda["ranks"] = cuda_ranks
     return {
         "python": python_state(),
         "numpy": numpy_state(),
         "torch": torch.get_rng_state(),
-        "cuda": cuda_state(),
+        "cuda": cuda,
         "loader": generator.get_state(),
     }
 
 
-def restore_rng_states(states: dict, generator: torch.Generator | None) -> None:
+def restore_rng_states(states: dict, generator: torch.Generator | None, rank: int = 0) -> None:
     restore_python_state(states["python"])
     restore_numpy_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    restore_cuda_state(states.get("cuda"))
+    restore_cuda_state(states.get("cuda"), rank)
     if generator is not None:
         generator.set_state(states["loader"])
 
@@ -84,9 +89,11 @@ def cuda_state() -> dict | None:
     return {"device": device, "state": torch.cuda.get_rng_state(device)}
 
 
-def restore_cuda_state(saved) -> None:
-    """Set this process's current device's generator; every rank restores its own
-    device (the stage seed is the same on every rank), whatever the GPU count."""
+def restore_cuda_state(saved, rank: int = 0) -> None:
+    """Set this process's current device's generator: rank r takes the state rank r
+    saved; a rank the saving run did not have (more GPUs now), or a file without the
+    ranks' states, takes the saving process's own (every rank draws from the same
+    stage seed, so they differ only where per-rank batch sizes did)."""
     if saved is None or not torch.cuda.is_available():
         return
     if isinstance(saved, (list, tuple)):  # 0.1.0: rank 0's get_rng_state_all(); device 0 was rank 0's own
@@ -94,7 +101,8 @@ def restore_cuda_state(saved) -> None:
             return
         state = saved[0]
     else:
-        state = saved["state"]
+        ranks = saved.get("ranks") or []
+        state = ranks[rank] if rank < len(ranks) else saved["state"]
     torch.cuda.set_rng_state(state, torch.cuda.current_device())
 
 

@@ -227,8 +227,9 @@ def _trainable_parameters(student: nn.Module, loss_fn: Loss, stage: StagePlan) -
 
 
 def last_checkpoint(run, stage: StagePlan, state: StageState, progress: Progress, *, elapsed_s: float,
-                    fingerprint: str | None) -> dict[str, Any]:
-    """The ``last`` checkpoint: the model plus all a resumed stage needs to continue exactly."""
+                    fingerprint: str | None, cuda_ranks: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """The ``last`` checkpoint: the model plus all a resumed stage needs to continue exactly
+    (``cuda_ranks``: every rank's CUDA generator state, see :func:`.rng.rng_states`)."""
     checkpoint = model_checkpoint(stage, run.data, state.student.state_dict(), epoch=progress.epoch, val_acc=progress.best_val_acc)
     checkpoint.update(
         {
@@ -237,7 +238,7 @@ def last_checkpoint(run, stage: StagePlan, state: StageState, progress: Progress
             "grad_scaler": state.scaler.state_dict(),
             "loss_state": state.loss_fn.state_dict(),
             "progress": progress.to_checkpoint(),
-            "rng": rng_states(state.generator),
+            "rng": rng_states(state.generator, cuda_ranks),
             "elapsed_s": elapsed_s,
             "level": stage.info.get("level"),
             "recipe_stage": stage.entry_id,
@@ -248,7 +249,7 @@ def last_checkpoint(run, stage: StagePlan, state: StageState, progress: Progress
     return checkpoint
 
 
-def restore_state(state: StageState, checkpoint: dict, path: str, best_path: str) -> Progress:
+def restore_state(state: StageState, checkpoint: dict, path: str, best_path: str, rank: int = 0) -> Progress:
     """Load a ``last`` checkpoint into ``state`` (RNG states included); return its progress."""
     load_state(state.student, checkpoint["state_dict"], path)
     try:
@@ -261,7 +262,7 @@ def restore_state(state: StageState, checkpoint: dict, path: str, best_path: str
         progress = Progress.from_checkpoint(checkpoint["progress"])
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"cannot resume from this checkpoint: {error}", file=path, fix="re-run with --force to start over") from error
-    restore_rng_states(checkpoint["rng"], state.generator)
+    restore_rng_states(checkpoint["rng"], state.generator, rank)
     if progress.best_epoch:
         state.best_state = load_checkpoint(best_path)["state_dict"]
     return progress
