@@ -84,37 +84,16 @@ def test_load_checkpoint_refuses_a_payload_naming_file_and_global(tmp_path, mark
     assert "program, not a checkpoint" in caught.value.fix and "--trust" not in caught.value.fix
 
 
-STUDENT_OF = """
-[experiment]
-name = "payload"
-seed = 0
-device = "cpu"
-
-[dataset]
-name = "synthetic"
-num_classes = 4
-image_size = 8
-train_size = 64
-val_size = 32
-test_size = 32
-
-[train]
-epochs = 1
-batch_size = 32
-
-[[stages]]
-id = "student"
-scheme = {scheme}
-model = {{ name = "vgg", layers = [4, "M"] }}
-"""
+def student_of(scheme: str, **params) -> str:
+    """A one-stage recipe whose student uses a checkpoint file (``teacher`` / ``init_from``)."""
+    return testing.tiny_recipe(teacher=False, scheme=scheme, scheme_params=params, name="payload")
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
 @pytest.mark.parametrize("role", ["teacher", "init_from"])
 def test_a_payload_as_teacher_or_init_from_is_refused(command, role, tmp_path, marker, write_recipe, cli):
     path = write_payload(tmp_path / "downloaded.pt", marker)
-    scheme = '{ name = "kd", teacher = "downloaded.pt" }' if role == "teacher" else '{ name = "scratch", init_from = "downloaded.pt" }'
-    recipe = write_recipe(STUDENT_OF.format(scheme=scheme))
+    recipe = write_recipe(student_of("kd", teacher="downloaded.pt") if role == "teacher" else student_of("scratch", init_from="downloaded.pt"))
     args = [command, recipe] + (["--quiet", "--output", tmp_path / "out"] if command == "run" else [])
     assert_refused(cli(*args), path)
     assert not (tmp_path / "out" / "checkpoints").exists()  # refused before anything ran
@@ -188,7 +167,7 @@ def test_convert_checkpoint_names_the_key_of_an_object_it_cannot_rewrite(tmp_pat
 
 def test_a_bare_state_dict_is_not_a_pyramidkd_checkpoint(tmp_path, write_recipe, cli):
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
-    recipe = write_recipe(STUDENT_OF.format(scheme='{ name = "kd", teacher = "bare.pt" }'))
+    recipe = write_recipe(student_of("kd", teacher="bare.pt"))
     result = cli("validate", recipe)
     assert result.code == 1 and "not a pyramidkd checkpoint" in result.err, result.err
     assert "unknown model" not in result.err and "None" not in result.err

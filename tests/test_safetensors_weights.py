@@ -59,40 +59,15 @@ def test_a_teacher_round_trips_through_safetensors_with_identical_logits(finishe
     for name, tensor in original.state_dict().items():  # buffers too (BN statistics)
         assert torch.equal(tensor, shared.state_dict()[name]), name
 
-
-TEACHER_FILE_RECIPE = """
-[experiment]
-name = "shared"
-seed = 0
-device = "cpu"
-
-[dataset]
-name = "synthetic"
-num_classes = 4
-image_size = 8
-train_size = 64
-val_size = 32
-test_size = 32
-
-[train]
-epochs = 1
-batch_size = 32
-
-[[stages]]
-id = "student"
-scheme = {scheme}
-model = {model}
-"""
-
-
 @pytest.mark.parametrize("role", ["teacher", "init_from"])
 def test_a_safetensors_file_is_a_teacher_or_init_from(role, finished, tmp_path, write_recipe, cli):
     shutil.copy(save_stage_weights(str(finished), "teacher").path, tmp_path / "teacher.safetensors")
     if role == "teacher":
-        scheme, model = '{ name = "kd", teacher = "teacher.safetensors" }', '{ name = "vgg", layers = [4, "M"] }'
-    else:
-        scheme, model = '{ name = "scratch", init_from = "teacher.safetensors" }', '{ name = "vgg", layers = [8, "M", 8, "M"] }'
-    recipe = write_recipe(TEACHER_FILE_RECIPE.format(scheme=scheme, model=model))  # no JSON beside it: the metadata is enough
+        text = testing.tiny_recipe(teacher=False, scheme="kd", scheme_params={"teacher": "teacher.safetensors"}, name="shared")
+    else:  # init_from needs the teacher's own architecture
+        text = testing.tiny_recipe(teacher=False, scheme_params={"init_from": "teacher.safetensors"}, name="shared",
+                           student_model=testing.TINY_TEACHER_MODEL)
+    recipe = write_recipe(text)  # no JSON beside it: the metadata is enough
     checked = cli("validate", recipe)
     assert checked.code == 0, checked.err
     ran = cli("run", recipe, "--quiet", "--output", tmp_path / "out")
