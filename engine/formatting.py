@@ -110,7 +110,7 @@ def summary_rows(summary: RunSummary) -> list[dict[str, str]]:
         {
             "stage": result.stage,
             "model": result.model,
-            "params": format_count(result.params),
+            "params": format_count(result.num_parameters),
             "loss": result.loss,
             "teacher (test %)": _teachers(result),
             "val %": format_percent(result.best_val_acc),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -137,7 +138,7 @@ class StageResult:
     model: str
     model_params: dict[str, Any]
     loss: str
-    params: int  # parameter count of the student
+    num_parameters: int  # parameter count of the student ("params" in files written before 0.3.0)
     epochs: int
     select: str
     best_epoch: int
@@ -163,10 +164,19 @@ class StageResult:
             del data["skipped"]
         return data
 
+    @property
+    def params(self) -> int:
+        """Deprecated (0.3.0): the parameter count is :attr:`num_parameters`."""
+        warnings.warn("StageResult.params is deprecated: use StageResult.num_parameters", DeprecationWarning, stacklevel=2)
+        return self.num_parameters
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StageResult":
         teachers = tuple(TeacherRef.from_dict(t) for t in data.get("teachers") or ())
-        return _from_dict(cls, {**data, "teachers": teachers})
+        data = {**data, "teachers": teachers}
+        if "num_parameters" not in data and isinstance(data.get("params"), int):  # written before 0.3.0
+            data["num_parameters"] = data["params"]
+        return _from_dict(cls, data)
 
 
 @attrs.frozen
@@ -212,12 +222,29 @@ class RunSummary:
 RERUN_FIX = "re-run the recipe into this folder to rewrite it"
 
 
+def summary_file(run_dir: str) -> str:
+    """Where a run folder's summary lies (whether or not the run has finished)."""
+    return os.path.join(run_dir, SUMMARY_FILE)
+
+
+def has_summary(run_dir: str) -> bool:
+    """Whether the run in ``run_dir`` finished (its summary is written last)."""
+    return os.path.exists(summary_file(run_dir))
+
+
+def write_summary(run_dir: str, summary: RunSummary) -> None:
+    """Write ``summary.json`` atomically: the last file a finished run writes."""
+    from .rundir import atomic_write_json  # late: rundir imports torch, reading records needs none
+
+    atomic_write_json(summary_file(run_dir), summary.to_dict())
+
+
 def load_summary(run_dir: str) -> RunSummary:
     """A finished run's ``summary.json``; a missing or damaged one is an error
     naming the file and the fix."""
     if not os.path.isdir(run_dir):
         raise RunDirectoryError("no such run directory", file=run_dir, fix="pass the folder a run wrote (runs/<name>-<time> or its --output)")
-    path = os.path.join(run_dir, SUMMARY_FILE)
+    path = summary_file(run_dir)
     if not os.path.exists(path):
         raise RunDirectoryError(
             f"holds no {SUMMARY_FILE}: not a finished pyramidkd run",

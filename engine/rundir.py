@@ -26,7 +26,6 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from .errors import RunDirectoryError
-from .records import SUMMARY_FILE  # noqa: F401  (the run folder's file names are importable from here too)
 
 log = logging.getLogger("pyramidkd")
 

@@ -8,9 +8,9 @@ import statistics
 import pytest
 
 from conftest import TINY_RECIPE
-from pyramidkd.engine.commands.plots import plot_seed_curves
-from pyramidkd.engine.commands.report import load_epoch_records
-from pyramidkd.engine.commands.seeds import format_aggregate
+from pyramidkd.engine.reporting.plots import plot_seed_curves
+from pyramidkd.engine.reporting.readers import load_epoch_records
+from pyramidkd.engine.reporting.seeds_report import format_seeds_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,18 +59,21 @@ def test_json_report_of_a_seeds_folder(seeds_run, cli):
     assert result.code == 0, result.err
     (report,) = json.loads(result.out)["runs"]
     assert report["kind"] == "seeds" and report["seeds"] == [0, 1] and report["experiment"] == "tiny"
-    aggregate = json.loads((seeds_run / "seeds-summary.json").read_text())
-    for row, stored in zip(report["stages"], aggregate["stages"]):
-        assert row["stage"] == stored["stage"] and row["params"] == stored["params"]
-        assert row["test_acc_mean_pct"] == pytest.approx(100 * stored["test_acc_mean"])
-        assert row["test_acc_std_pct"] == pytest.approx(100 * stored["test_acc_std"])
-        assert list(row["test_acc_pct"].values()) == pytest.approx([100 * t for t in stored["test_acc"]])
+    assert not (seeds_run / "seeds-summary.json").exists()  # one aggregate: the sweep's results.json
+    (cell,) = json.loads((seeds_run / "results.json").read_text())["cells"]
+    assert cell["seeds"] == [0, 1] and list(cell["stages"]) == [row["stage"] for row in report["stages"]]
+    for row, stored in zip(report["stages"], cell["stages"].values()):
+        assert row["num_parameters"] == stored["num_parameters"] > 0
+        assert row["test_acc_mean_pct"] == pytest.approx(100 * stored["test_acc"]["mean"])
+        assert row["test_acc_std_pct"] == pytest.approx(100 * stored["test_acc"]["std"])
+        assert row["val_acc_mean_pct"] == pytest.approx(100 * stored["best_val_acc"]["mean"])
+        assert list(row["test_acc_pct"].values()) == pytest.approx([100 * t for t in stored["test_acc"]["values"]])
         assert row["curves"] == str(seeds_run / "plots" / f"{row['stage']}.png")
 
 
 def test_one_line_per_seed_in_the_curves(seeds_run):
     histories = {seed: load_epoch_records(str(seeds_run / f"seed-{seed}"))["student"] for seed in (0, 1)}
-    figure = plot_seed_curves({"stage": "student", "model": "vgg", "params": 200, "loss": "kd"}, histories)
+    figure = plot_seed_curves({"stage": "student", "model": "vgg", "num_parameters": 200, "loss": "kd"}, histories)
     accuracy, loss = figure.axes
     assert [line.get_label() for line in loss.lines] == ["seed 0", "seed 1"]
     assert [line.get_label() for line in accuracy.lines] == ["seed 0 val", "seed 0 train", "seed 1 val", "seed 1 train"]
@@ -87,11 +90,22 @@ def test_an_unfinished_seed_is_left_out_with_a_note(seeds_run, tmp_path, cli):
     assert result.code == 0, result.err
     assert result.out.startswith("## tiny over seeds 0\n")
     assert "note: seed-1: no summary.json (unfinished run): left out" in result.out
+    # one seed has no spread: the mean alone, as in a sweep's table (never "± 0.00")
+    teacher = rows(result.out)["teacher"]
+    assert "±" not in teacher[3] and "±" not in teacher[4] and teacher[4] == teacher[5]
 
 
-def test_the_seeds_table_formats_parameter_counts():
-    result = {"experiment": "x", "seeds": [0, 1], "stages": [{
-        "stage": "teacher", "model": "vgg", "params": 292586, "test_acc_mean": 0.9, "test_acc_std": 0.01,
-        "val_acc_mean": 0.8, "val_acc_std": 0.02, "test_acc": [0.89, 0.91], "reference_test_acc": None}]}
-    line = format_aggregate(result).splitlines()[-1].split()
-    assert line[:3] == ["teacher", "vgg", "292.6k"]
+def test_the_seeds_table_formats_parameter_counts_and_spreads():
+    def stats(values):
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                "n": len(values), "values": values}
+
+    results = {"name": "x", "seeds": [0, 1], "cells": [{"id": "x", "seeds": [0, 1], "stages": {
+        "teacher": {"model": "vgg", "num_parameters": 292586, "reference_test_acc": 91.5,
+                    "test_acc": stats([0.89, 0.91]), "best_val_acc": stats([0.8, 0.82])},
+        "student": {"model": "vgg", "num_parameters": 772, "reference_test_acc": None,
+                    "test_acc": stats([0.7]), "best_val_acc": stats([0.6])}}}]}
+    head, _, _, teacher, student = format_seeds_table(results).splitlines()
+    assert head == "x over seeds 0, 1 (std: sample standard deviation)"
+    assert teacher.split() == ["teacher", "vgg", "292.6k", "81.00", "±", "1.41", "90.00", "±", "1.41", "91.50"]
+    assert student.split() == ["student", "vgg", "772", "60.00", "70.00", "-"]

@@ -20,7 +20,7 @@ from conftest import RECIPES
 
 GOLDEN = Path(__file__).parent / "golden" / "quickstart"
 # Values that identify what was run; anything else is a measurement.
-EXACT_KEYS = {"kind", "stage", "entry", "epoch", "epochs", "model", "model_params", "loss", "params", "select",
+EXACT_KEYS = {"kind", "stage", "entry", "epoch", "epochs", "model", "model_params", "loss", "num_parameters", "select",
               "checkpoint", "experiment", "seed", "device", "dataset", "inherited_tensors", "info", "reference_test_acc", "macs", "train_macs",
               "teachers"}
 MEASURED_IN_TEACHERS = {"test_acc"}

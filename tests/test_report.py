@@ -10,11 +10,11 @@ import pytest
 
 from pyramidkd import testing
 from pyramidkd.engine import EpochRecord
-from pyramidkd.engine.commands.models import count_macs
-from pyramidkd.engine.commands.report import build_report, format_markdown, is_chain
 from pyramidkd.engine.host import make_plugin_host
+from pyramidkd.engine.reporting import build_report, format_markdown
+from pyramidkd.engine.reporting.readers import is_chain
 from pyramidkd.engine.training.checkpoints import load_checkpoint
-from pyramidkd.engine.training.models import model_from_checkpoint
+from pyramidkd.engine.training.models import count_macs, model_from_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,7 +87,7 @@ def test_report_fields_and_macs_of_the_rebuilt_models(chain_run, chain_report):
     summary = json.loads((chain_run / "summary.json").read_text())
     host = make_plugin_host(load_entry_points=False)
     for row, result_ in zip(report["stages"], summary["stages"]):
-        assert row["stage"] == result_["stage"] and row["params"] == result_["params"]
+        assert row["stage"] == result_["stage"] and row["num_parameters"] == result_["num_parameters"]
         path = str(chain_run / result_["checkpoint"])
         model, description = model_from_checkpoint(load_checkpoint(path), path, host)
         assert row["macs"] == count_macs(model, tuple(description["input_shape"])) > 0

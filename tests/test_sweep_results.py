@@ -16,8 +16,8 @@ import statistics
 import pytest
 from scipy import stats as scipy_stats
 
-from pyramidkd.engine.commands.report_sweep import plot_sweep_stage
 from pyramidkd.engine.records import DatasetInfo, RunSummary, StageResult
+from pyramidkd.engine.reporting.plots import plot_sweep_stage
 from pyramidkd.engine.sweeps.results import collect_results, format_results, write_results
 from pyramidkd.engine.sweeps.stats import paired_comparison
 
@@ -38,7 +38,7 @@ BASELINES = [{"label": "t=4", "cell": "t=4", "stage": None}, {"label": "teacher"
 
 
 def stage_result(stage: str, test: float) -> StageResult:
-    return StageResult(stage=stage, entry=stage, model="vgg", model_params={}, loss="ce", params=292586 if stage == "teacher" else 1234,
+    return StageResult(stage=stage, entry=stage, model="vgg", model_params={}, loss="ce", num_parameters=292586 if stage == "teacher" else 1234,
                        epochs=2, select="val_acc", best_epoch=2, best_val_acc=test + 0.01, last_val_acc=test, test_acc=test,
                        test_loss=0.5, time_s=3.0 if stage == "teacher" else 1.5)
 
@@ -98,7 +98,7 @@ def test_cells_seeds_failed_and_missing(results):
 
 def test_mean_and_sample_std_per_stage(results):
     student = cell(results, "t=2")["stages"]["student"]
-    assert (student["model"], student["params"], student["epochs"]) == ("vgg", 1234, 2)
+    assert (student["model"], student["num_parameters"], student["epochs"]) == ("vgg", 1234, 2)
     values = [0.74, 0.73, 0.76]
     assert student["test_acc"]["values"] == values and student["test_acc"]["n"] == 3
     assert student["test_acc"]["mean"] == pytest.approx(0.743333333)
@@ -236,7 +236,7 @@ def test_report_of_a_seeds_sweep_keeps_the_seeds_report(tmp_path, cli):
 
 
 def chain_result(stage: str, entry: str, test: float, train_macs: int, time_s: float) -> StageResult:
-    return StageResult(stage=stage, entry=entry, model="svgg5", model_params={}, loss="ce", params=1234, epochs=2,
+    return StageResult(stage=stage, entry=entry, model="svgg5", model_params={}, loss="ce", num_parameters=1234, epochs=2,
                        select="val_acc", best_epoch=2, best_val_acc=test, last_val_acc=test, test_acc=test, test_loss=0.5,
                        time_s=time_s, macs=1000, train_macs=train_macs)
 
@@ -272,3 +272,33 @@ def test_methods_sum_their_stages_cost_and_read_their_final_stage(tmp_path, cli)
     assert result.code == 0, result.err
     assert (folder / "plots" / "accuracy-vs-cost.png").read_bytes().startswith(PNG_MAGIC)
     assert "## By method" in (folder / "results.md").read_text()
+
+
+def test_folders_written_before_num_parameters_still_report(tmp_path, cli):
+    """Run summaries before 0.3.0 name the parameter count "params"; they still read."""
+    folder = write_sweep(tmp_path / "old", {"t=2": {0: 0.74}}, [0], [])
+    path = folder / "t=2" / "seed-0" / "summary.json"
+    old = json.loads(path.read_text())
+    for stage in old["stages"]:
+        stage["params"] = stage.pop("num_parameters")
+    path.write_text(json.dumps(old))
+    results = collect_results(str(folder))
+    assert cell(results, "t=2")["stages"]["student"]["num_parameters"] == 1234
+    assert RunSummary.from_dict(old).stages[0].num_parameters == 292586
+    with pytest.warns(DeprecationWarning, match="num_parameters"):
+        assert RunSummary.from_dict(old).stages[0].params == 292586
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"runs": ["a list"]}', "[]"])
+def test_a_damaged_state_file_is_one_clear_error_everywhere(tmp_path, cli, text):
+    from pyramidkd.engine.errors import RunDirectoryError
+    from pyramidkd.engine.sweeps.folder import SweepFolder
+
+    folder = write_sweep(tmp_path / "damaged", {"t=2": {0: 0.74}}, [0], [])
+    (folder / "sweep-state.json").write_text(text)
+    for read in (lambda: collect_results(str(folder)), SweepFolder(str(folder)).read_state):
+        with pytest.raises(RunDirectoryError) as raised:
+            read()
+        assert raised.value.file == str(folder / "sweep-state.json") and "delete sweep-state.json" in raised.value.fix
+    result = cli("report", folder)
+    assert result.code == 1 and "sweep-state.json" in result.err and "fix: delete sweep-state.json" in result.err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from . import bench_models, convert_checkpoint, models, plugins, report, run, save_weights, sweep, validate
+from .registry import Commands
 
 BUILTIN_COMMANDS = (run, sweep, validate, models, bench_models, plugins, report, save_weights, convert_checkpoint)
 
@@ -16,3 +17,10 @@ BUILTIN_COMMANDS = (run, sweep, validate, models, bench_models, plugins, report,
 def pyramidkd_register_commands(commands):
     for module in BUILTIN_COMMANDS:
         commands.add(module.NAME, help=module.HELP, arguments=module.add_arguments, run=module.execute)
+
+
+def builtin_commands() -> Commands:
+    """The built-in commands alone (when the plugins cannot be loaded)."""
+    commands = Commands()
+    pyramidkd_register_commands(commands)
+    return commands

@@ -101,13 +101,18 @@ def collect_commands(host) -> Commands:
     return commands
 
 
-def builtin_commands() -> Commands:
-    """The built-in commands alone (when the plugins cannot be loaded)."""
-    from . import builtin
+def plugin_rows(host) -> list[dict]:
+    """:func:`~pyramidkd.engine.host.plugin_listing` of ``host``, with the commands each plugin adds."""
+    from ..host import plugin_listing
 
-    commands = Commands()
-    builtin.pyramidkd_register_commands(commands)
-    return commands
+    rows = plugin_listing(host)
+    by_name = {row["name"]: row for row in rows}
+    for command in collect_commands(host):
+        if command.plugin in by_name:
+            by_name[command.plugin]["components"].setdefault("command", []).append(command.name)
+    for row in rows:  # kinds in alphabetical order, as plugin_listing gives them
+        row["components"] = dict(sorted(row["components"].items()))
+    return rows
 
 
 def _version() -> str:

@@ -1,29 +1,15 @@
-"""``pyramidkd run RECIPE``: run a recipe, or continue one (``--seeds``: one run per seed)."""
+"""``pyramidkd run RECIPE``: run a recipe, or continue one (``--seeds``: one run per
+seed, a one-cell sweep, :mod:`pyramidkd.engine.sweeps.seeds`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from .arguments import add_recipe_arguments, positive_int
 
 NAME = "run"
 HELP = "run a recipe"
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (anything else is a usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """RECIPE and ``--set``: what ``run`` and ``validate`` share."""
-    parser.add_argument("recipe", metavar="RECIPE", help="a .toml recipe, e.g. recipes/quickstart.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     if args.seeds:
-        from .seeds import parse_seeds, run_seeds
-
-        return run_seeds(args.recipe, args.overrides, parse_seeds(args.seeds), output=args.output, quiet=args.quiet,
-                         force=args.force, resume=args.resume, max_epochs=args.max_epochs)
+        return _run_seeds(args)
     from ..runner import run_recipe
 
     run_recipe(args.recipe, args.overrides, output=args.output, quiet=args.quiet, force=args.force, resume=args.resume,
                max_epochs=args.max_epochs)
     return 0
+
+
+def _run_seeds(args: argparse.Namespace) -> int:
+    from ..reporting.seeds_report import format_seeds_table
+    from ..sweeps.seeds import parse_seeds, run_seeds
+
+    outcome = run_seeds(args.recipe, args.overrides, parse_seeds(args.seeds), output=args.output, quiet=args.quiet,
+                        force=args.force, resume=args.resume, max_epochs=args.max_epochs)
+    if problems := outcome.problems():
+        print(problems, file=sys.stderr)
+    if outcome.results["cells"][0]["seeds"]:  # some seed finished
+        print(format_seeds_table(outcome.results))
+    print(f"results: {outcome.folder}")
+    return outcome.exit_code

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .run import add_recipe_arguments
+from .arguments import add_recipe_arguments
 
 NAME = "validate"
 HELP = "check a recipe and its plugins without training"
@@ -23,9 +23,10 @@ def execute(args: argparse.Namespace) -> int:
     from ..runner import dataset_context, prepare
 
     if "sweep" in read_toml(args.recipe):  # a sweep file: every cell is checked
-        from .sweep import validate_sweep
+        from ..sweeps.sweep import validate_sweep
 
-        return validate_sweep(args.recipe, args.overrides)
+        print(validate_sweep(args.recipe, args.overrides))
+        return 0
     prepared = prepare(args.recipe, args.overrides)
     prepared.dataset.instantiate().check(dataset_context(prepared.recipe))
     print(f"{args.recipe}: ok — {len(prepared.stages)} stage(s): {', '.join(s.id for s in prepared.stages)}")

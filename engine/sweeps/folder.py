@@ -18,6 +18,8 @@ STATE_FILE = "sweep-state.json"
 LOCK_FILE = ".sweep-lock"
 LOGS = "logs"
 SCRATCH = ".launcher"
+# The state file only notes how each run ended: finished runs are known from their folders.
+STATE_FIX = f"delete {STATE_FILE} and run the same command again (finished runs are found from their folders)"
 # What a `run --seeds` folder written before sweeps existed holds besides its runs.
 _SEEDS_FOLDER_FILES = ("seeds-summary.json", "results.json", "results.csv", "results.md", "plots")
 
@@ -51,7 +53,7 @@ class SweepFolder:
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
         except (OSError, ValueError) as error:
-            raise RunDirectoryError(f"cannot read {DEFINITION_FILE}: {error}", file=self.path,
+            raise RunDirectoryError(f"cannot read {DEFINITION_FILE}: {error}", file=path,
                                     fix=f"restore or delete {DEFINITION_FILE} (--force writes it anew)") from error
 
     def adopt(self, definition: dict[str, Any], comparable, *, force: bool, seeds_only: bool = False) -> None:
@@ -81,13 +83,21 @@ class SweepFolder:
         return not entries
 
     def read_state(self) -> dict[str, dict[str, Any]]:
+        """Each run's record by ``"<cell id>/seed-N"`` (empty before the first run ends).
+        A damaged file is an error: it holds the failed runs' errors, which a sweep
+        would otherwise lose without a word."""
+        path = self.file(STATE_FILE)
         try:
-            with open(self.file(STATE_FILE), encoding="utf-8") as handle:
-                return dict(json.load(handle).get("runs") or {})
+            with open(path, encoding="utf-8") as handle:
+                state = json.load(handle)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, AttributeError):
-            return {}  # a damaged state file only loses failure notes: finished runs are known from their folders
+        except (OSError, ValueError) as error:
+            raise RunDirectoryError(f"cannot read {STATE_FILE}: {error}", file=path, fix=STATE_FIX) from error
+        runs = state.get("runs") if isinstance(state, dict) else None
+        if not isinstance(runs, dict):
+            raise RunDirectoryError(f"{STATE_FILE} has no table of runs", file=path, fix=STATE_FIX)
+        return dict(runs)
 
     def write_state(self, runs: dict[str, dict[str, Any]]) -> None:
         atomic_write_json(self.file(STATE_FILE), {"runs": runs})

@@ -9,7 +9,7 @@ and wall time.
 from __future__ import annotations
 
 from ..records import RunSummary
-from .stats import describe
+from .stats import mean_std
 
 
 def aggregate_methods(summaries: dict[int, RunSummary]) -> dict[str, dict]:
@@ -32,7 +32,7 @@ def aggregate_methods(summaries: dict[int, RunSummary]) -> dict[str, dict]:
             times.append(sum(r.time_s for r in results) if complete else None)
         epochs = [summary.stage(s).epochs for summary in summaries.values() for s in stage_ids if summary.stage(s)]
         methods[entry] = {"stages": stage_ids, "final_stage": stage_ids[-1], "epochs": sum(epochs) // max(1, len(summaries)),
-                          "train_macs": describe(costs), "time_s": describe(times)}
+                          "train_macs": mean_std(costs), "time_s": mean_std(times)}
     return methods
 
 

@@ -20,12 +20,12 @@ from typing import Any, Iterator
 
 from ..errors import RunDirectoryError
 from ..formatting import format_count, format_duration, format_markdown_table, format_number, format_table, percent
-from ..records import RunSummary, load_summary
-from ..rundir import SUMMARY_FILE, atomic_write_json, atomic_write_text
+from ..records import RunSummary, has_summary, load_summary
+from ..rundir import atomic_write_json, atomic_write_text
 from .folder import DEFINITION_FILE as SWEEP_FILE
-from .folder import STATE_FILE, run_key
+from .folder import SweepFolder, run_key
 from .methods import aggregate_methods, has_chains
-from .stats import describe, paired_comparison
+from .stats import mean_std, paired_comparison
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "results.json", "results.csv", "results.md"
 METRICS = ("test_acc", "best_val_acc", "time_s", "train_macs")  # StageResult fields aggregated over the seeds
@@ -42,41 +42,18 @@ def is_sweep_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, SWEEP_FILE))
 
 
-def _read_json(path: str, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunDirectoryError(f"cannot read {what}: {error}", file=path, fix=RERUN_FIX) from error
-
-
 def read_sweep(folder: str) -> dict:
     """``DIR/sweep.json``, checked for the keys the results need."""
-    path = os.path.join(folder, SWEEP_FILE)
-    if not os.path.isfile(path):
+    sweep = SweepFolder(folder).stored_definition()
+    if sweep is None:
         raise RunDirectoryError(f"holds no {SWEEP_FILE}: not a sweep folder", file=folder,
                                 fix="pass the --output folder of `pyramidkd sweep`")
-    sweep = _read_json(path, SWEEP_FILE)
     cells = sweep.get("cells") if isinstance(sweep, dict) else None
     if (not isinstance(cells, list) or not isinstance(sweep.get("seeds"), list)
             or not all(isinstance(c, dict) and "id" in c for c in cells)):
-        raise RunDirectoryError(f"{SWEEP_FILE} has no list of seeds and of cells with an id", file=path, fix=RERUN_FIX)
+        raise RunDirectoryError(f"{SWEEP_FILE} has no list of seeds and of cells with an id", file=os.path.join(folder, SWEEP_FILE),
+                                fix=RERUN_FIX)
     return sweep
-
-
-def read_state(folder: str) -> dict[str, dict]:
-    """The orchestrator's record of each run by ``"<cell id>/seed-N"`` (empty before the first one ends)."""
-    path = os.path.join(folder, STATE_FILE)
-    if not os.path.exists(path):
-        return {}
-    state = _read_json(path, STATE_FILE)
-    runs = state.get("runs") if isinstance(state, dict) else None
-    return runs if isinstance(runs, dict) else {}
-
-
-def run_folder(folder: str, cell: dict, seed: int) -> str:
-    """``DIR/<cell folder>/seed-N`` (``DIR/seed-N`` for the one cell of ``run --seeds``)."""
-    return os.path.join(folder, cell.get("folder") or "", f"seed-{seed}")
 
 
 # --- aggregating ------------------------------------------------------------------
@@ -86,15 +63,15 @@ def collect_results(folder: str) -> dict:
     """The results of the sweep in ``folder`` as they stand (see the module docstring)."""
     folder = os.path.abspath(folder)
     sweep = read_sweep(folder)
-    runs = read_state(folder)
+    runs = SweepFolder(folder).read_state()
     cells = []
     for cell in sweep["cells"]:
         summaries: dict[int, RunSummary] = {}
         failed, missing = [], []
         for seed in sweep["seeds"]:
-            path = run_folder(folder, cell, seed)
+            path = SweepFolder(folder).run_folder(cell.get("folder") or "", seed)
             state = runs.get(run_key(cell["id"], seed)) or {}
-            if os.path.exists(os.path.join(path, SUMMARY_FILE)):
+            if has_summary(path):
                 summaries[seed] = load_summary(path)
             elif state.get("status") == "failed":
                 failed.append({"seed": seed, "error": state.get("error"), "log": state.get("log")})
@@ -105,7 +82,7 @@ def collect_results(folder: str) -> dict:
             "recipe": cell.get("recipe"),
             "overrides": dict(cell.get("overrides") or {}),
             "seeds": list(summaries),
-            "stages": _aggregate_stages(summaries),
+            "stages": aggregate_stages(summaries),
             "methods": aggregate_methods(summaries),
             "failed": failed,
             "missing": missing,
@@ -115,17 +92,20 @@ def collect_results(folder: str) -> dict:
     return {"name": sweep.get("name"), "seeds": list(sweep["seeds"]), "cells": cells, "baselines": baselines}
 
 
-def _aggregate_stages(summaries: dict[int, RunSummary]) -> dict[str, dict]:
-    """Per stage id (in the order the runs list them): the first run's model, then
-    each metric over the seeds (None where a run lacks the stage)."""
+def aggregate_stages(summaries: dict[int, RunSummary]) -> dict[str, dict]:
+    """Per stage id (in the order the runs list them): the first run's model, its
+    parameter count and published accuracy, then each metric over the seeds (None
+    where a run lacks the stage). The one aggregation of runs over seeds: sweeps,
+    ``run --seeds`` and their reports all read it."""
     stage_ids = list(dict.fromkeys(result.stage for summary in summaries.values() for result in summary.stages))
     stages = {}
     for stage_id in stage_ids:
         results = [summary.stage(stage_id) for summary in summaries.values()]
         first = next(result for result in results if result is not None)
-        stages[stage_id] = {"model": first.model, "params": first.params, "epochs": first.epochs}
+        stages[stage_id] = {"model": first.model, "num_parameters": first.num_parameters, "epochs": first.epochs,
+                            "reference_test_acc": first.reference_test_acc}
         for field in METRICS:
-            stages[stage_id][field] = describe([None if r is None else getattr(r, field) for r in results])
+            stages[stage_id][field] = mean_std([None if r is None else getattr(r, field) for r in results])
         stages[stage_id]["vs"] = {}
     return stages
 
@@ -205,7 +185,7 @@ def table_rows(results: dict) -> list[dict[str, str]]:
             "cell": cell["id"] or "-",
             "stage": stage_id or "(no finished run)",
             "model": stage.get("model") or "-",
-            "params": format_count(stage.get("params")),
+            "params": format_count(stage.get("num_parameters")),
             "n": str(stage["test_acc"]["n"]) if stage else "0",
             "test % (mean ± std)": format_mean_std(stage.get("test_acc")),
             "val % (mean ± std)": format_mean_std(stage.get("best_val_acc")),
@@ -253,7 +233,7 @@ def method_rows(results: dict) -> list[dict[str, str]]:
             final = cell["stages"].get(method["final_stage"]) or {}
             row = {"cell": cell["id"] or "-"} if several_cells else {}
             row |= {"method": entry, "final stage": method["final_stage"],
-                    "model": final.get("model") or "-", "params": format_count(final.get("params")),
+                    "model": final.get("model") or "-", "params": format_count(final.get("num_parameters")),
                     "stages": str(len(method["stages"])), "epochs": str(method["epochs"]),
                     "n": str((final.get("test_acc") or {}).get("n", 0)),
                     "test % (mean ± std)": format_mean_std(final.get("test_acc"))}
@@ -318,7 +298,7 @@ def format_results_csv(results: dict) -> str:
         test, val = stage.get("test_acc") or {}, stage.get("best_val_acc") or {}
         row = {"cell": cell["id"], "recipe": cell["recipe"] or ""}
         row.update({key: _csv_value(cell["overrides"][key]) if key in cell["overrides"] else "" for key in keys})
-        row.update({"stage": stage_id or "", "model": stage.get("model") or "", "params": stage.get("params") or "",
+        row.update({"stage": stage_id or "", "model": stage.get("model") or "", "params": stage.get("num_parameters") or "",
                     "n": test.get("n", 0), "failed": len(cell["failed"]),
                     "test_mean_pct": _csv_percent(test.get("mean")), "test_std_pct": _csv_percent(test.get("std")),
                     "val_mean_pct": _csv_percent(val.get("mean")), "val_std_pct": _csv_percent(val.get("std"))})

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 CONFIDENCE = 0.95
 
 
-def describe(values: Sequence[float | None]) -> dict:
+def mean_std(values: Sequence[float | None]) -> dict:
     """``{"mean", "std", "n", "values"}`` of the values that are there (None: no
     value for that seed); ``values`` is returned as given, in seed order."""
     present = [v for v in values if v is not None]

@@ -6,24 +6,29 @@ aggregate the results.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import json
 import os
+import signal
 import sys
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 import attrs
 
 from ..components import LaunchContext
 from ..errors import RecipeError, UserError
 from ..formatting import format_table
+from ..host import make_plugin_host
 from ..recipe import dump_toml, load_recipe
+from ..records import load_summary
+from ..rundir import RECIPE_FILE
 from ..runner import PreparedRun, dataset_context, prepare
 from ..training.fingerprint import Fingerprints
 from .folder import SCRATCH, SweepFolder, run_key
 from .jobs import JobOutcome, RunJob
 from .progress import LiveView, TrackedRun
-from .spec import SweepCell, SweepPlan, comparable
+from .results import RESULTS_MD, collect_results, write_results
+from .spec import SweepCell, SweepPlan, comparable, load_sweep
 
 
 @attrs.frozen
@@ -51,6 +56,37 @@ class SweepOutcome:
     runs: list[PlannedRun]
     failed: list[tuple[PlannedRun, dict[str, Any]]] = attrs.field(factory=list)
     interrupted: bool = False
+    results: dict | None = None  # what finished, aggregated (:func:`finish`)
+
+    @property
+    def results_file(self) -> str:
+        return os.path.join(self.folder, RESULTS_MD)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every run finished, 1 when some failed, 130 after Ctrl-C."""
+        return 130 if self.interrupted else 1 if self.failed else 0
+
+    def problems(self) -> str | None:
+        """What went wrong and what to do (for stderr), or None."""
+        if self.interrupted:
+            return ("sweep interrupted: run the same command again to continue (finished runs are kept, "
+                    "interrupted ones continue from their last checkpoint)")
+        if not self.failed:
+            return None
+        lines = [f"{len(self.failed)} run(s) failed:"]
+        lines += [f"  {run.key}: {record['error']}\n    folder: {run.folder}\n    log: {run.log_file}" for run, record in self.failed]
+        return "\n".join(lines + ["fix the cause and run the same command again: finished runs are kept"])
+
+
+@attrs.frozen
+class SweepSetup:
+    """A sweep file checked and planned: what ``--dry-run`` shows and :func:`run_sweep` runs."""
+
+    plan: SweepPlan
+    folder: SweepFolder
+    runs: list[PlannedRun]
+    max_epochs: int | None = None
 
 
 def check_cells(plan: SweepPlan, max_epochs: int | None = None) -> dict[str, PreparedRun]:
@@ -101,24 +137,25 @@ def plan_runs(plan: SweepPlan, folder: SweepFolder, prepared: dict[str, Prepared
 def _status(run: PlannedRun, cell_plan: PreparedRun) -> str:
     """"finished" only when the folder's recipe and every stage's fingerprint match
     what this sweep would run: a changed recipe file or checkpoint runs again."""
-    if not os.path.exists(os.path.join(run.folder, "recipe.toml")):
+    recipe = os.path.join(run.folder, RECIPE_FILE)
+    if not os.path.exists(recipe):
         return "new"
     try:
-        with open(os.path.join(run.folder, "recipe.toml"), encoding="utf-8") as handle:
+        with open(recipe, encoding="utf-8") as handle:
             stored = handle.read()
-        with open(os.path.join(run.folder, "summary.json"), encoding="utf-8") as handle:
-            summary = json.load(handle)
-    except (OSError, ValueError):
+        summary = load_summary(run.folder)
+    except (OSError, UserError):  # no summary yet, or a damaged one: the run continues
         return "partial"
     if stored != dump_toml(load_recipe(run.cell.recipe_path, run.overrides()).data):
         return "partial"
     expected = Fingerprints(cell_plan.stages, cell_plan.dataset, run.seed).by_stage
-    found = {stage.get("stage"): stage.get("fingerprint") for stage in summary.get("stages") or []}
+    found = {stage.stage: stage.fingerprint for stage in summary.stages}
     return "finished" if found == expected else "partial"
 
 
-def describe(plan: SweepPlan, runs: list[PlannedRun], folder: SweepFolder) -> str:
+def describe(setup: SweepSetup) -> str:
     """What ``--dry-run`` prints: the cells, the runs and where they go."""
+    plan, runs, folder = setup.plan, setup.runs, setup.folder
     launcher = plan.launcher.instantiate().describe() if plan.launcher else "(none)"
     head = (f"sweep {plan.name} ({plan.file}): {len(plan.cells)} cell(s) x {len(plan.seeds)} seed(s) = {len(runs)} run(s); "
             f"launcher {launcher}\nfolder: {folder.path}")
@@ -186,3 +223,54 @@ def execute(plan: SweepPlan, folder: SweepFolder, runs: list[PlannedRun], *, for
             except KeyboardInterrupt:
                 outcome.interrupted = True
     return outcome
+
+
+def finish(outcome: SweepOutcome) -> SweepOutcome:
+    """Aggregate what finished into ``results.json``, ``.csv`` and ``.md`` (also after
+    failures or Ctrl-C: the results as they stand); ``outcome.results`` holds them."""
+    outcome.results = collect_results(outcome.folder)
+    write_results(outcome.folder, outcome.results)
+    return outcome
+
+
+def plan_sweep(path: str, *, output: str | None = None, launcher: str | None = None,
+               max_epochs: int | None = None) -> SweepSetup:
+    """Load a sweep file, check every cell, and plan its runs in ``output``
+    (default ``runs/<sweep name>``)."""
+    plan = load_sweep(path, launcher=launcher, registry=make_plugin_host().registry("launcher"))
+    prepared = check_cells(plan, max_epochs)
+    folder = SweepFolder(output or os.path.join("runs", plan.name))
+    return SweepSetup(plan, folder, plan_runs(plan, folder, prepared), max_epochs)
+
+
+def run_sweep(setup: SweepSetup, *, force: bool = False) -> SweepOutcome:
+    """Run what has not finished, then write the results (:func:`finish`)."""
+    return finish(execute(setup.plan, setup.folder, setup.runs, force=force, max_epochs=setup.max_epochs))
+
+
+def validate_sweep(path: str, overrides: Sequence[str] = ()) -> str:
+    """``pyramidkd validate SWEEP.toml``: the sweep file and every cell's recipe; the text to print."""
+    if overrides:
+        raise UserError("--set applies to recipes, not to sweep files", file=path,
+                        fix="put the value in the sweep file's [sweep] set table (every cell) or [grid] (an axis)")
+    plan = load_sweep(path, registry=make_plugin_host().registry("launcher"))
+    prepared = check_cells(plan)
+    lines = [f"{path}: ok — sweep {plan.name}: {len(plan.cells)} cell(s) x {len(plan.seeds)} seed(s), "
+             f"launcher {plan.launcher.instantiate().describe()}"]
+    for cell in plan.cells:
+        stages = prepared[cell.id].stages
+        lines.append(f"  {cell.id}: {len(stages)} stage(s), {sum(s.train.epochs for s in stages)} epochs")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM stops a sweep as Ctrl-C does: its runs save, the folder stays consistent."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

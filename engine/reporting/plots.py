@@ -1,5 +1,6 @@
-"""Every PNG the commands draw: training curves (one run, or one line per seed),
-accuracy against parameters, and the ``bench-models`` bars.
+"""Every PNG the reports draw: training curves (one run, or one line per seed),
+accuracy against parameters, a sweep's accuracy per cell and against training
+cost, and the ``bench-models`` bars.
 
 Plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch)
 and are written atomically.
@@ -11,9 +12,11 @@ import io
 import math
 from typing import Mapping, Sequence
 
-from ..formatting import format_count
+from ..formatting import format_count, percent
 from ..records import EpochRecord
 from ..rundir import atomic_write_bytes
+
+SEED_OFFSET, SEED_SPREAD = 0.22, 0.05  # a sweep plot's seed dots right of the mean (in cells), apart from each other
 
 
 def figure(width: float, height: float):
@@ -60,7 +63,7 @@ def _two_panels():
 
 def plot_curves(stage: Mapping, history: Sequence[EpochRecord]):
     """Train/val accuracy (%) and loss against epoch for one stage of one run.
-    ``stage`` is a report row (``stage``, ``model``, ``params``, ``loss``,
+    ``stage`` is a report row (``stage``, ``model``, ``num_parameters``, ``loss``,
     ``best_epoch``, ``test_acc_pct``)."""
     drawing, accuracy, loss = _two_panels()
     epochs = [r.epoch for r in history]
@@ -82,7 +85,7 @@ def plot_curves(stage: Mapping, history: Sequence[EpochRecord]):
     loss.set(xlabel="epoch", ylabel="loss", title="loss")
     for axes in (accuracy, loss):
         _epoch_axis(axes, epochs)
-    drawing.suptitle(f"{stage['stage']}: {stage.get('model')}, {format_count(stage.get('params'))} params")
+    drawing.suptitle(f"{stage['stage']}: {stage.get('model')}, {format_count(stage.get('num_parameters'))} params")
     return drawing
 
 
@@ -104,7 +107,7 @@ def plot_seed_curves(stage: Mapping, histories: Mapping[int, Sequence[EpochRecor
     loss.set(xlabel="epoch", ylabel="loss", title=f"train loss ({stage.get('loss') or 'stage loss'})")
     for axes in (accuracy, loss):
         _epoch_axis(axes, epochs)
-    drawing.suptitle(f"{stage['stage']}: {stage.get('model')}, {format_count(stage.get('params'))} params, "
+    drawing.suptitle(f"{stage['stage']}: {stage.get('model')}, {format_count(stage.get('num_parameters'))} params, "
                      f"{len(histories)} seeds")
     return drawing
 
@@ -117,17 +120,17 @@ def plot_accuracy_vs_params(report: Mapping):
     axes = drawing.subplots()
     by_entry: dict[str, list[Mapping]] = {}
     for stage in report["stages"]:
-        if stage.get("params") and stage.get("test_acc_pct") is not None:
+        if stage.get("num_parameters") and stage.get("test_acc_pct") is not None:
             by_entry.setdefault(stage["entry"], []).append(stage)
     for entry, stages in by_entry.items():
-        xs = [s["params"] for s in stages]
+        xs = [s["num_parameters"] for s in stages]
         ys = [s["test_acc_pct"] for s in stages]
         (line,) = axes.plot(xs, ys, marker="o", label=entry)
         for stage in stages:
-            axes.annotate(stage["stage"], (stage["params"], stage["test_acc_pct"]), textcoords="offset points",
+            axes.annotate(stage["stage"], (stage["num_parameters"], stage["test_acc_pct"]), textcoords="offset points",
                           xytext=(4, 4), fontsize="x-small")
             if stage.get("reference_test_acc_pct") is not None:
-                axes.plot([stage["params"]], [stage["reference_test_acc_pct"]], marker="o", markerfacecolor="none",
+                axes.plot([stage["num_parameters"]], [stage["reference_test_acc_pct"]], marker="o", markerfacecolor="none",
                           color=line.get_color(), linestyle="none")
     if any(s.get("reference_test_acc_pct") is not None for s in report["stages"]):
         axes.plot([], [], marker="o", markerfacecolor="none", color="gray", linestyle="none", label="published")
@@ -155,3 +158,94 @@ def plot_bench(rows: Sequence[Mapping], batch_sizes: Sequence[int], title: str):
     drawing.suptitle(title)
     drawing.tight_layout()
     return drawing
+
+
+def plot_accuracy_vs_cost(results: dict):
+    """Each method's final test accuracy (%) against its total training MACs (log
+    scale), mean with std error bars on both axes: what each method's accuracy cost."""
+    drawing = figure(9.0, 5.6)
+    axes = drawing.subplots()
+    colors = matplotlib_colors(sum(len(cell.get("methods") or {}) for cell in results["cells"]))
+    several_cells = len(results["cells"]) > 1
+    placed: list[tuple[float, float]] = []
+    for cell in results["cells"]:
+        for entry, method in (cell.get("methods") or {}).items():
+            final = cell["stages"].get(method["final_stage"])
+            cost = method["train_macs"]
+            if not final or final["test_acc"]["mean"] is None or cost["mean"] is None:
+                continue
+            label = f"{cell['id']}: {entry}" if several_cells else entry
+            x, y = cost["mean"], percent(final["test_acc"]["mean"])
+            axes.errorbar([x], [y], xerr=[cost["std"] or 0.0], yerr=[percent(final["test_acc"]["std"]) or 0.0], fmt="o",
+                          capsize=4, color=next(colors))
+            # Labels instead of a legend; a label near an earlier one moves down a line.
+            near = sum(abs(math.log10(x) - px) < 0.08 and abs(y - py) < 2.0 for px, py in placed)
+            placed.append((math.log10(x), y))
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(7, 3 - 11 * near), fontsize="small")
+    axes.set_xscale("log")
+    axes.set(xlabel="training cost of the method's own stages (MACs, log scale)", ylabel="final test accuracy (%)",
+             title=f"{results.get('name')}: accuracy vs training cost (mean ± std over seeds)")
+    axes.grid(True, alpha=0.3)
+    drawing.tight_layout()
+    return drawing
+
+
+def _baseline_mean(results: dict, stage_id: str) -> tuple[str, float] | None:
+    """The first baseline naming a cell whose ``stage_id`` has a mean: (label, mean %)."""
+    by_id = {cell["id"]: cell for cell in results["cells"]}
+    for baseline in results["baselines"]:
+        cell = by_id.get(baseline.get("cell"))
+        stage = cell["stages"].get(baseline.get("stage") or stage_id) if cell else None
+        if stage and stage["test_acc"]["mean"] is not None:
+            return baseline["label"], percent(stage["test_acc"]["mean"])
+    return None
+
+
+def plot_sweep_stage(results: dict, stage_id: str):
+    """One stage's test accuracy (%) per cell: the mean with a std error bar, each
+    seed a dot beside it, the first baseline cell's mean a dashed line."""
+    entries = [(cell["id"] or "-", cell["stages"][stage_id]["test_acc"])
+               for cell in results["cells"] if stage_id in cell["stages"]]
+    drawing = figure(max(5.0, 2.0 + 0.9 * len(entries)), 4.4)
+    axes = drawing.subplots()
+    positions = list(range(len(entries)))
+    means = [percent(stats["mean"]) for _, stats in entries]
+    spreads = [percent(stats["std"]) or 0.0 for _, stats in entries]
+    axes.errorbar(positions, means, yerr=spreads, fmt="o", markersize=7, capsize=5, label="mean ± std", zorder=3)
+    for position, (_, stats) in zip(positions, entries):
+        values = [percent(v) for v in stats["values"] if v is not None]
+        offsets = _spread(len(values))
+        axes.plot([position + o for o in offsets], values, marker=".", linestyle="none", color="gray", alpha=0.7,
+                  label="seeds" if position == 0 else None)
+    baseline = _baseline_mean(results, stage_id)
+    if baseline:
+        axes.axhline(baseline[1], linestyle="--", color="tab:red", alpha=0.6, label=f"baseline {baseline[0]}")
+    axes.set_xticks(positions, [label for label, _ in entries], rotation=30, ha="right", fontsize="small")
+    axes.set_xlim(-0.6, len(entries) - 0.4)
+    axes.set(ylabel="test accuracy (%)", title=_title(results, stage_id))
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(fontsize="small")
+    drawing.tight_layout()  # room for the cell labels, however long
+    return drawing
+
+
+def matplotlib_colors(count: int):
+    """``count`` distinct colours (tab10, or tab20 beyond ten), one after another."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        palette = colormaps["tab10"].colors
+    else:  # tab20's dark shades first
+        tab20 = colormaps["tab20"].colors
+        palette = tab20[0::2] + tab20[1::2]
+    return iter(palette[i % len(palette)] for i in range(max(count, 1)))
+
+
+def _spread(count: int) -> Sequence[float]:
+    """Offsets right of the mean marker, so that the seed dots hide neither it nor each other."""
+    return [SEED_OFFSET + SEED_SPREAD * i for i in range(count)]
+
+
+def _title(results: dict, stage_id: str) -> str:
+    first = next(cell["stages"][stage_id] for cell in results["cells"] if stage_id in cell["stages"])
+    return f"{results.get('name')}: {stage_id} ({first['model']}, {format_count(first['num_parameters'])} params)"
