@@ -68,7 +68,11 @@ def model_from_checkpoint(checkpoint: dict, path: str, host) -> tuple[nn.Module,
     except RecipeError as error:
         raise CheckpointError(f"the checkpoint's model {name!r} is not available: {error.message}", file=path, fix=error.fix) from None
     params = Structurer(path).structure(cls.Params, description.get("params", {}), "model")
-    model = cls(params).build(description["num_classes"], tuple(description["input_shape"]))
+    instance = cls(params)
+    # The checkpoint's weights replace whatever build() loads: a model that would fetch
+    # pretrained weights (torchvision, timm) offers build_for_checkpoint, which does not.
+    build = getattr(instance, "build_for_checkpoint", instance.build)
+    model = build(description["num_classes"], tuple(description["input_shape"]))
     load_state(model, checkpoint["state_dict"], path)
     return model, description
 
