@@ -1,4 +1,4 @@
-"""The example third-party plugin (examples/pyramidkd-dkd), installed for real with pip.
+"""The example third-party plugin (examples/pyramidkd-dkd: the ``nkd`` loss and scheme), installed for real with pip.
 
 The folder is copied (pip builds in the source tree) and installed with
 ``pip install --no-deps --no-build-isolation --target DIR``; the commands then run
@@ -31,7 +31,7 @@ def _tail(text: str, limit: int = 4000) -> str:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(source copy, install target, environment) after a real pip install."""
-    root = tmp_path_factory.mktemp("dkd")
+    root = tmp_path_factory.mktemp("nkd")
     source = root / "pyramidkd-dkd"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"))
     target = root / "site"
@@ -50,7 +50,7 @@ def installed(tmp_path_factory):
 def commands(installed, tmp_path_factory):
     """Start the three commands at once; each test waits for its own."""
     source, _, env = installed
-    work = tmp_path_factory.mktemp("dkd-work")
+    work = tmp_path_factory.mktemp("nkd-work")
     argv = {
         "plugins": [sys.executable, "-m", "pyramidkd", "plugins", "--json"],
         "run": [sys.executable, "-m", "pyramidkd", "run", str(source / "recipes" / "tiny.toml"), "--quiet",
@@ -84,7 +84,7 @@ def commands(installed, tmp_path_factory):
 def test_pip_installs_the_entry_point(installed):
     _, target, _ = installed
     (info,) = target.glob("pyramidkd_dkd-*.dist-info")
-    assert "[pyramidkd]\ndkd = pyramidkd_dkd.plugin" in (info / "entry_points.txt").read_text()
+    assert "[pyramidkd]\nnkd = pyramidkd_dkd.plugin" in (info / "entry_points.txt").read_text()
     assert (target / "pyramidkd_dkd" / "loss.py").is_file()
 
 
@@ -92,9 +92,10 @@ def test_plugins_lists_the_installed_distribution(commands):
     done = commands("plugins")
     assert done.returncode == 0, _tail(done.stderr)
     rows = {row["name"]: row for row in json.loads(done.stdout)}
-    assert rows["dkd"]["source"] == "entry-point"
-    assert rows["dkd"]["distribution"] == "pyramidkd-dkd" and rows["dkd"]["version"] == "0.1.0"
-    assert rows["dkd"]["components"] == {"loss": ["dkd"], "scheme": ["dkd"]}
+    assert rows["nkd"]["source"] == "entry-point"
+    assert rows["nkd"]["distribution"] == "pyramidkd-dkd" and rows["nkd"]["version"] == "0.2.0"
+    assert rows["nkd"]["components"] == {"loss": ["nkd"], "scheme": ["nkd"]}
+    assert "dkd" in rows["pyramidkd.plugins.losses.logits"]["components"]["loss"]  # DKD is built in now
 
 
 def test_a_recipe_runs_the_plugin_components(commands):
@@ -102,10 +103,10 @@ def test_a_recipe_runs_the_plugin_components(commands):
     assert done.returncode == 0, _tail(done.stdout + done.stderr)
     summary = json.loads((commands.work / "run" / "summary.json").read_text())
     stages = {stage["stage"]: stage for stage in summary["stages"]}
-    assert list(stages) == ["teacher", "student-dkd", "student-kd-scheme"]
-    assert stages["student-dkd"]["loss"] == "dkd" and stages["student-dkd"]["info"] == {"scheme": "dkd"}
-    assert stages["student-dkd"]["teachers"][0]["stage"] == "teacher"
-    assert stages["student-kd-scheme"]["loss"] == "dkd"
+    assert list(stages) == ["teacher", "student-nkd", "student-kd-scheme"]
+    assert stages["student-nkd"]["loss"] == "nkd" and stages["student-nkd"]["info"] == {"scheme": "nkd"}
+    assert stages["student-nkd"]["teachers"][0]["stage"] == "teacher"
+    assert stages["student-kd-scheme"]["loss"] == "nkd"
     for stage in stages.values():
         assert 0.0 <= stage["test_acc"] <= 1.0
 

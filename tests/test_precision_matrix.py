@@ -1,4 +1,4 @@
-"""Every built-in scheme, and the example package's ``dkd`` scheme, trains one short
+"""Every built-in scheme, and the example package's ``nkd`` scheme, trains one short
 epoch under each precision (fp32, bf16) with and without ``channels_last``: no
 combination of scheme, loss and autocast may crash (the ensemble once did under bf16,
 its averaged teacher logits float32 against bf16 student logits)."""
@@ -88,12 +88,12 @@ scheme = {{ name = "ensemble", teachers = ["teacher", "teacher2"], aggregate = "
 model = {{ name = "svgg5", {LEVEL} }}
 
 [[stages]]
-id = "dkd"
-scheme = {{ name = "dkd", teacher = "teacher" }}
+id = "nkd"
+scheme = {{ name = "nkd", teacher = "teacher" }}
 model = {{ name = "svgg5", {LEVEL} }}
 """
 
-SCHEMES = {"scratch", "kd", "pyramid-forward", "pyramid-backward", "fitnet", "gram-direct", "kd-chain", "ensemble", "dkd"}
+SCHEMES = {"scratch", "kd", "pyramid-forward", "pyramid-backward", "fitnet", "gram-direct", "kd-chain", "ensemble", "nkd"}
 
 
 @pytest.fixture(scope="module")

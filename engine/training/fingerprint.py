@@ -24,11 +24,25 @@ from ..records import StageResult
 FINGERPRINT_VERSION = 1
 # [train] keys added since version 1, left out while at their default: a stage stored
 # before a key existed is still reused (its value then was the default's behaviour).
-LATER_TRAIN_KEYS = {"sync_batchnorm": True}
+# A dotted key names a key of a nested section.
+LATER_TRAIN_KEYS = {"sync_batchnorm": True, "scheduler.milestones": []}
 
 
 def component_description(spec: ComponentSpec) -> dict[str, Any]:
-    return {"name": spec.name, "params": attrs.asdict(spec.params)}
+    """A component's name and parameters. A parameter added after components were first
+    fingerprinted declares ``metadata={"since": "<version>"}``: at its default it is left
+    out, so stages stored before it existed (which behaved as its default) are reused."""
+    params = attrs.asdict(spec.params)
+    if attrs.has(type(spec.params)):
+        for field in attrs.fields(type(spec.params)):
+            if "since" in field.metadata and field.name in params and params[field.name] == _default(field):
+                del params[field.name]
+    return {"name": spec.name, "params": params}
+
+
+def _default(field: attrs.Attribute) -> Any:
+    default = field.default
+    return default.factory() if isinstance(default, attrs.Factory) and not default.takes_self else default
 
 
 def canonical_json(data: Any) -> str:
@@ -91,8 +105,12 @@ class Fingerprints:
 def train_description(train) -> dict[str, Any]:
     described = attrs.asdict(train)
     for key, default in LATER_TRAIN_KEYS.items():
-        if key in described and described[key] == default:
-            del described[key]
+        *sections, name = key.split(".")
+        table = described
+        for section in sections:
+            table = table.get(section, {})
+        if name in table and table[name] == default:
+            del table[name]
     return described
 
 
