@@ -1,8 +1,10 @@
 """The host's own recipe sections: ``[experiment]`` and ``[train]``.
 
-They live apart from :mod:`~pyramidkd.engine.recipe` so that
-:class:`~pyramidkd.engine.components.StagePlan` can name ``TrainSection`` as its
-type without importing the recipe loader (which imports the components).
+Plain attrs classes, validated like any component's ``Params``. They live apart
+from the recipe loader (:mod:`~pyramidkd.engine.recipe`, which structures them
+from the TOML data) so that what only needs the settings — the public
+:class:`~pyramidkd.engine.components.StagePlan`, whose ``train`` is a
+``TrainSection``, and the training runtime — does not depend on reading a file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Literal
 
 import attrs
 
-from .validation import between, non_negative, positive
+from .validation import FieldValueError, between, increasing_epochs, non_negative, positive
 
 
 @attrs.define
@@ -38,12 +40,19 @@ class OptimizerSection:
 
 @attrs.define
 class SchedulerSection:
-    name: Literal["none", "cosine", "step", "plateau"] = "cosine"
+    name: Literal["none", "cosine", "step", "multistep", "plateau"] = "cosine"
     step_size: int = attrs.field(default=30, validator=positive, metadata={"help": "epochs between decays (step)"})
     gamma: float = attrs.field(default=0.1, validator=positive)
     factor: float = attrs.field(default=0.1, validator=between(0.0, 1.0), metadata={"help": "plateau decay factor"})
     patience: int = attrs.field(default=5, validator=non_negative)
     min_lr: float = attrs.field(default=0.0, validator=non_negative)
+    milestones: list[int] = attrs.field(factory=list, validator=increasing_epochs, metadata={
+        "help": "epochs after which the learning rate is multiplied by gamma (multistep), e.g. [150, 180, 210]"})
+
+    def __attrs_post_init__(self):
+        if self.name == "multistep" and not self.milestones:
+            raise FieldValueError('name = "multistep" needs milestones',
+                                  "add milestones = [150, 180, 210] (epochs after which the rate drops by gamma)")
 
 
 @attrs.define

@@ -49,6 +49,12 @@ def between(low: float, high: float):
     return check
 
 
+def increasing_epochs(instance, attribute, value):
+    if value and (any(epoch < 1 for epoch in value) or any(a >= b for a, b in zip(value, value[1:]))):
+        raise FieldValueError(f"must be epochs >= 1 in increasing order, got {value!r}",
+                              f"set {attribute.name} to e.g. [150, 180, 210]")
+
+
 def open_unit(instance, attribute, value):
     if value is not None and not 0 < value < 1:
         raise FieldValueError(f"must be strictly between 0 and 1, got {value!r}", f"set {attribute.name} to e.g. 0.1")
@@ -146,68 +152,84 @@ class Structurer:
             raise self.error(path, str(error), "check the values in this section") from None
 
     def convert(self, value: Any, tp: Any, path: str) -> Any:
-        origin = get_origin(tp)
+        """``value`` checked against the annotation ``tp`` (an int where a float is
+        wanted becomes a float); the check is chosen by the annotation's kind."""
         if tp is Any:
             return value
         if attrs.has(tp):
             return self.structure(tp, value, path)
-        if origin in (Union, types.UnionType):
-            arms = [a for a in get_args(tp) if a is not type(None)]
-            errors = []
-            for arm in arms:
-                try:
-                    return self.convert(value, arm, path)
-                except RecipeError as error:
-                    errors.append(error)
-            if len(arms) == 1:
-                raise errors[0]
-            raise self.error(path, f"expected {_type_name(tp)}, got {_describe(value)}", "change the value's type")
-        if origin is Literal:
-            choices = get_args(tp)
-            if value not in choices:
-                close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise self.error(path, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}", f"{hint}use one of the listed values")
-            return value
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise self.error(path, f"expected true or false, got {_describe(value)}", "write true or false (no quotes)")
-            return value
-        if tp is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.error(path, f"expected an integer, got {_describe(value)}", "write a whole number without quotes, e.g. 10")
-            return value
-        if tp is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise self.error(path, f"expected a number, got {_describe(value)}", "write a number without quotes, e.g. 0.1")
-            return float(value)
-        if tp is str:
-            if not isinstance(value, str):
-                raise self.error(path, f"expected a string, got {_describe(value)}", 'put the value in quotes, e.g. "name"')
-            return value
-        if origin in (list, tuple):
-            if not isinstance(value, list):
-                raise self.error(path, f"expected {_type_name(tp)}, got {_describe(value)}", "write a list, e.g. [1, 2]")
-            args = get_args(tp)
-            item_type = args[0] if args else Any
-            items = [self.convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
-            return tuple(items) if origin is tuple else items
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise self.error(path, f"expected a table, got {_describe(value)}", "write a table, e.g. {key = 1.0}")
-            args = get_args(tp)
-            value_type = args[1] if len(args) == 2 else Any
-            return {k: self.convert(v, value_type, _join(path, k)) for k, v in value.items()}
-        if tp is dict:
-            if not isinstance(value, dict):
-                raise self.error(path, f"expected a table, got {_describe(value)}", "write a table")
-            return value
-        if tp is list:
-            if not isinstance(value, list):
-                raise self.error(path, f"expected a list, got {_describe(value)}", "write a list")
-            return value
-        raise TypeError(f"unsupported type in a Params class: {tp!r} at {path}")
+        origin = get_origin(tp)
+        if origin is None and tp in _PLAIN_TYPES:
+            return self._plain(value, tp, path)
+        convert = _BY_ORIGIN.get(origin)
+        if convert is None:
+            raise TypeError(f"unsupported type in a Params class: {tp!r} at {path}")
+        return convert(self, value, tp, path)
 
+    def _plain(self, value: Any, tp: type, path: str) -> Any:
+        accepts, expected, fix = _PLAIN_TYPES[tp]
+        if not accepts(value):
+            raise self.error(path, f"expected {expected}, got {_describe(value)}", fix)
+        return float(value) if tp is float else value
+
+    def _union(self, value: Any, tp: Any, path: str) -> Any:
+        arms = [a for a in get_args(tp) if a is not type(None)]
+        errors = []
+        for arm in arms:
+            try:
+                return self.convert(value, arm, path)
+            except RecipeError as error:
+                errors.append(error)
+        if len(arms) == 1:
+            raise errors[0]
+        raise self.error(path, f"expected {_type_name(tp)}, got {_describe(value)}", "change the value's type")
+
+    def _literal(self, value: Any, tp: Any, path: str) -> Any:
+        choices = get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise self.error(path, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}", f"{hint}use one of the listed values")
+        return value
+
+    def _sequence(self, value: Any, tp: Any, path: str) -> Any:
+        if not isinstance(value, list):
+            raise self.error(path, f"expected {_type_name(tp)}, got {_describe(value)}", "write a list, e.g. [1, 2]")
+        args = get_args(tp)
+        item_type = args[0] if args else Any
+        items = [self.convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if get_origin(tp) is tuple else items
+
+    def _table(self, value: Any, tp: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a table, got {_describe(value)}", "write a table, e.g. {key = 1.0}")
+        args = get_args(tp)
+        value_type = args[1] if len(args) == 2 else Any
+        return {k: self.convert(v, value_type, _join(path, k)) for k, v in value.items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# An unparameterised annotation: (accepts the value, what was expected, the fix).
+_PLAIN_TYPES: dict[type, tuple[Any, str, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", "write true or false (no quotes)"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", "write a whole number without quotes, e.g. 10"),
+    float: (_is_number, "a number", "write a number without quotes, e.g. 0.1"),
+    str: (lambda v: isinstance(v, str), "a string", 'put the value in quotes, e.g. "name"'),
+    dict: (lambda v: isinstance(v, dict), "a table", "write a table"),
+    list: (lambda v: isinstance(v, list), "a list", "write a list"),
+}
+# A parameterised one (``int | None``, ``Literal[...]``, ``list[int]``), by its origin.
+_BY_ORIGIN = {
+    Union: Structurer._union,
+    types.UnionType: Structurer._union,
+    Literal: Structurer._literal,
+    list: Structurer._sequence,
+    tuple: Structurer._sequence,
+    dict: Structurer._table,
+}
 
 def _failing_field(cls: type, kwargs: dict) -> str | None:
     """Find which field's validator rejects ``kwargs`` (attrs reports no name)."""

@@ -106,8 +106,11 @@ def test_every_shipped_recipe_validates(cli):
     assert recipes
     for recipe in recipes:
         result = cli("validate", recipe)
-        if result.code != 0:  # only the real datasets' files may be missing here
-            assert result.err.startswith("error: dataset") and "not found" in result.err, f"{recipe}: {result.err}"
+        if result.code != 0:  # only the real datasets' files may be missing here, and the
+            # teachers the cifar100-kd pairs read from runs/ (test_cifar100_kd_recipes.py trains them)
+            missing_data = result.err.startswith("error: dataset") and "not found" in result.err
+            untrained_teacher = "runs/cifar100-kd/teachers/" in result.err and ".scheme.teacher" in result.err
+            assert missing_data or untrained_teacher, f"{recipe}: {result.err}"
 
 
 def test_overrides_apply_and_are_typed(write_recipe):
@@ -162,7 +165,7 @@ def test_no_note_without_shadowing(write_recipe, cli):
 
 def test_a_scheme_setting_shadowing_an_override_is_named(write_recipe):
     """A Pyramid scheme's stage1_epochs beats --set train.epochs for its hint stages."""
-    from pyramidkd.engine.planning import shadowed_overrides
+    from pyramidkd.engine.shadowing import shadowed_overrides
     from pyramidkd.engine.runner import prepare
 
     text = TINY_RECIPE.replace('[[stages]]\nid = "student"', '[[stages]]\nid = "chain"\nscheme = { name = "pyramid-forward", teacher = "teacher", '

@@ -185,7 +185,7 @@ def table_rows(results: dict) -> list[dict[str, str]]:
             "cell": cell["id"] or "-",
             "stage": stage_id or "(no finished run)",
             "model": stage.get("model") or "-",
-            "params": format_count(stage.get("num_parameters")),
+            "params": format_count(num_parameters(stage)),
             "n": str(stage["test_acc"]["n"]) if stage else "0",
             "test % (mean ± std)": format_mean_std(stage.get("test_acc")),
             "val % (mean ± std)": format_mean_std(stage.get("best_val_acc")),
@@ -196,6 +196,11 @@ def table_rows(results: dict) -> list[dict[str, str]]:
             row[comparison_header(baseline["label"])] = "(baseline)" if reference else format_comparison(comparison)
         rows.append(row)
     return rows
+
+
+def num_parameters(stage: dict) -> int | None:
+    """A stage entry's parameter count; results.json written before 0.3.0 call it "params"."""
+    return stage.get("num_parameters", stage.get("params"))
 
 
 RIGHT = {"params", "n", "test % (mean ± std)", "val % (mean ± std)"}
@@ -233,7 +238,7 @@ def method_rows(results: dict) -> list[dict[str, str]]:
             final = cell["stages"].get(method["final_stage"]) or {}
             row = {"cell": cell["id"] or "-"} if several_cells else {}
             row |= {"method": entry, "final stage": method["final_stage"],
-                    "model": final.get("model") or "-", "params": format_count(final.get("num_parameters")),
+                    "model": final.get("model") or "-", "params": format_count(num_parameters(final)),
                     "stages": str(len(method["stages"])), "epochs": str(method["epochs"]),
                     "n": str((final.get("test_acc") or {}).get("n", 0)),
                     "test % (mean ± std)": format_mean_std(final.get("test_acc"))}
@@ -298,7 +303,7 @@ def format_results_csv(results: dict) -> str:
         test, val = stage.get("test_acc") or {}, stage.get("best_val_acc") or {}
         row = {"cell": cell["id"], "recipe": cell["recipe"] or ""}
         row.update({key: _csv_value(cell["overrides"][key]) if key in cell["overrides"] else "" for key in keys})
-        row.update({"stage": stage_id or "", "model": stage.get("model") or "", "params": stage.get("num_parameters") or "",
+        row.update({"stage": stage_id or "", "model": stage.get("model") or "", "params": num_parameters(stage) or "",
                     "n": test.get("n", 0), "failed": len(cell["failed"]),
                     "test_mean_pct": _csv_percent(test.get("mean")), "test_std_pct": _csv_percent(test.get("std")),
                     "val_mean_pct": _csv_percent(val.get("mean")), "val_std_pct": _csv_percent(val.get("std"))})

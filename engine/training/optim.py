@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from ..recipe import TrainSection
+from ..settings import TrainSection
 
 
-def make_optimizer(parameters, train: "TrainSection") -> torch.optim.Optimizer:
+def make_optimizer(parameters, train: TrainSection) -> torch.optim.Optimizer:
     opt = train.optimizer
     if opt.name == "sgd":
         return torch.optim.SGD(parameters, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0)
@@ -19,12 +16,14 @@ def make_optimizer(parameters, train: "TrainSection") -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def make_scheduler(optimizer, train: "TrainSection"):
+def make_scheduler(optimizer, train: TrainSection):
     sched = train.scheduler
     if sched.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs, eta_min=sched.min_lr)
     if sched.name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched.step_size, gamma=sched.gamma)
+    if sched.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sched.milestones, gamma=sched.gamma)
     if sched.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=sched.factor, patience=sched.patience, min_lr=sched.min_lr)
     return None

@@ -11,6 +11,10 @@ projection (the reference's ``downsample``; for ×4 also in stage 1, 32 → 64).
 stem of 64 channels (no max-pool), bottleneck stages [3, 4, 6, 3] of 64 / 128 / 256 /
 512 planes (×4 out), strides 1 / 2 / 2 / 2; 23.7 M parameters at 100 classes.
 
+``resnet_blocks``: the 16/32/64 design with any basic blocks per stage (``blocks = [9, 9,
+5]``): a level of the Pyramid's depth ladder resnet110 → resnet56 → resnet32 → resnet20 →
+resnet8 on the way from one depth to the next (``PYRAMID_LADDER``).
+
 Global average pooling replaces the reference's ``AvgPool2d(8)`` (the same at 32×32)
 so 96×96 inputs work too. Every block ends in a non-inplace ``out_relu`` module
 (the reference's ``F.relu``), so ``preact.k`` is ``layer{k}.{last}.out_relu:input``.
@@ -18,9 +22,10 @@ so 96×96 inputs work too. Every block ends in a non-inplace ``out_relu`` module
 
 from __future__ import annotations
 
+import attrs
 from torch import nn
 
-from pyramidkd.engine import hookimpl
+from pyramidkd.engine import FieldValueError, hookimpl
 from pyramidkd.plugins.models.zoo_common import TappedNet, activation_taps, global_pool, init_like_reference, zoo_model_class
 
 
@@ -133,6 +138,17 @@ def basic_resnet(depth: int, filters: list[int], num_classes: int, in_channels: 
     return net
 
 
+def _check_blocks(instance, attribute, value):
+    if len(value) != 3 or min(value) < 1:
+        raise FieldValueError(f"blocks must list 3 stages of 1 or more basic blocks, got {value}", "e.g. blocks = [9, 9, 5]")
+
+
+@attrs.define
+class BlocksParams:
+    blocks: list[int] = attrs.field(factory=lambda: [3, 3, 3], validator=_check_blocks, metadata={
+        "help": "basic blocks in each of the 3 stages, e.g. [9, 9, 5] (resnet20 = [3, 3, 3])"})
+
+
 def resnet50(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """resnetv2.py's ResNet50 (CIFAR stem)."""
     net = CifarResNet(Bottleneck, 64, [64, 128, 256, 512], [3, 4, 6, 3], num_classes, in_channels, head_name="linear")
@@ -156,6 +172,29 @@ MODELS = {name: zoo_model_class(__name__, name, _describe(name, depth, filters),
 MODELS["resnet50"] = zoo_model_class(
     __name__, "resnet50", "CIFAR ResNet-50: bottleneck stages [3, 4, 6, 3], 256…2048 channels, 3×3 stem (CRD zoo)",
     lambda params, num_classes, input_shape: resnet50(num_classes, input_shape[0]))
+
+MODELS["resnet_blocks"] = zoo_model_class(
+    __name__, "resnet_blocks", "CIFAR ResNet with any basic blocks per stage, 16/32/64 channels (a Pyramid level between two depths)",
+    lambda params, num_classes, input_shape: _blocks_resnet(params.blocks, num_classes, input_shape[0]), BlocksParams)
+
+
+def _blocks_resnet(blocks: list[int], num_classes: int, in_channels: int) -> CifarResNet:
+    net = CifarResNet(BasicBlock, BASIC_FILTERS[0], BASIC_FILTERS[1:], list(blocks), num_classes, in_channels, head_name="fc")
+    init_like_reference(net, linear="pytorch")
+    return net
+
+
+# The Pyramid schemes' depth ladder (plugins/schemes/ladders.py reads it): levels largest
+# first with their blocks per stage. Every level has the same stem, stage widths and head,
+# so a smaller level is the larger with blocks dropped; `resnet_blocks` builds the levels
+# in between, where only some stages are shortened yet.
+PYRAMID_LADDER = {
+    "family": "CIFAR ResNet",
+    "levels": {name: [(BASIC_MODELS[name][0] - 2) // 6] * 3 for name in ("resnet110", "resnet56", "resnet32", "resnet20", "resnet8")},
+    "in_between": ("resnet_blocks", {}),
+    "stem": ("conv1", "bn1"),
+    "stages": ("layer1", "layer2", "layer3"),
+}
 
 
 @hookimpl

@@ -14,8 +14,10 @@ block (``block{k+1}.layer.0.bn1`` / ``relu1``) and the last stage's by the final
 its ``get_bn_before_relu``) and ``feat``, so those ReLUs are not in-place.
 ``feat.0`` is the stem conv's output.
 
-Named models: ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``; any depth and
-width through ``wrn`` (e.g. ``{ name = "wrn", depth = 28, widen_factor = 2 }``).
+Named models: ``wrn_16_1``, ``wrn_16_2``, ``wrn_28_2``, ``wrn_40_1``, ``wrn_40_2``; any depth
+and width through ``wrn`` (e.g. ``{ name = "wrn", depth = 22, widen_factor = 4 }``), and any
+blocks per stage through ``wrn_blocks`` (``blocks = [6, 6, 4]``: a level of the Pyramid's
+ladder wrn_40_2 → wrn_28_2 → wrn_16_2 on the way from one depth to the next).
 """
 
 from __future__ import annotations
@@ -66,14 +68,15 @@ class WideStage(nn.Module):
 class WideResNet(TappedNet):
     """conv1 -> block1, block2, block3 -> bn1 -> relu -> avgpool -> flatten -> fc."""
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3):
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3,
+                 stage_blocks: list[int] | None = None):
         super().__init__()
         channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        blocks = (depth - 4) // 6
+        blocks = list(stage_blocks) if stage_blocks else [(depth - 4) // 6] * 3  # per stage
         self.conv1 = nn.Conv2d(in_channels, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.block1 = WideStage(blocks, channels[0], channels[1], 1, dropout)
-        self.block2 = WideStage(blocks, channels[1], channels[2], 2, dropout)
-        self.block3 = WideStage(blocks, channels[2], channels[3], 2, dropout)
+        self.block1 = WideStage(blocks[0], channels[0], channels[1], 1, dropout)
+        self.block2 = WideStage(blocks[1], channels[1], channels[2], 2, dropout)
+        self.block3 = WideStage(blocks[2], channels[2], channels[3], 2, dropout)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU()
         self.avgpool, self.flatten = global_pool()
@@ -86,8 +89,9 @@ class WideResNet(TappedNet):
         return self.fc(self.flatten(self.avgpool(self.relu(self.bn1(x)))))
 
 
-def wide_resnet(depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3) -> WideResNet:
-    net = WideResNet(depth, widen_factor, num_classes, dropout, in_channels)
+def wide_resnet(depth: int, widen_factor: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3,
+                stage_blocks: list[int] | None = None) -> WideResNet:
+    net = WideResNet(depth, widen_factor, num_classes, dropout, in_channels, stage_blocks)
     init_like_reference(net, linear="zero_bias")
     return net
 
@@ -110,12 +114,25 @@ class WideResNetParams:
     dropout: float = _dropout_field()
 
 
+def _check_blocks(instance, attribute, value):
+    if len(value) != 3 or min(value) < 1:
+        raise FieldValueError(f"blocks must list 3 stages of 1 or more blocks, got {value}", "e.g. blocks = [6, 6, 4]")
+
+
+@attrs.define
+class BlocksWideResNetParams:
+    blocks: list[int] = attrs.field(factory=lambda: [2, 2, 2], validator=_check_blocks, metadata={
+        "help": "blocks in each of the 3 stages, e.g. [6, 6, 4] (wrn_16_k = [2, 2, 2])"})
+    widen_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "channel multiplier k: 16k / 32k / 64k"})
+    dropout: float = _dropout_field()
+
+
 @attrs.define
 class NamedWideResNetParams:
     dropout: float = _dropout_field()
 
 
-NAMED = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
+NAMED = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_28_2": (28, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
 
 
 def _named_builder(depth: int, widen_factor: int):
@@ -129,6 +146,23 @@ MODELS["wrn"] = zoo_model_class(
     __name__, "wrn", "Wide ResNet WRN-depth-widen_factor (CRD zoo definition; e.g. depth 28, widen_factor 2)",
     lambda params, num_classes, input_shape: wide_resnet(params.depth, params.widen_factor, num_classes, params.dropout, input_shape[0]),
     WideResNetParams)
+MODELS["wrn_blocks"] = zoo_model_class(
+    __name__, "wrn_blocks", "Wide ResNet with any blocks per stage (a Pyramid level between two depths)",
+    lambda params, num_classes, input_shape: wide_resnet(6 * sum(params.blocks) // 3 + 4, params.widen_factor, num_classes,
+                                                         params.dropout, input_shape[0], params.blocks),  # depth: nominal
+    BlocksWideResNetParams)
+
+# The Pyramid schemes' depth ladder (plugins/schemes/ladders.py reads it): levels largest
+# first with their blocks per stage. Every level has the same stem, widths and head, so a
+# smaller level is the larger with blocks dropped; `wrn_blocks` builds the levels in
+# between, where only some stages are shortened yet.
+PYRAMID_LADDER = {
+    "family": "WRN",
+    "levels": {name: [(NAMED[name][0] - 4) // 6] * 3 for name in ("wrn_40_2", "wrn_28_2", "wrn_16_2")},
+    "in_between": ("wrn_blocks", {"widen_factor": 2}),
+    "stem": ("conv1",),
+    "stages": ("block1", "block2", "block3"),
+}
 
 
 @hookimpl

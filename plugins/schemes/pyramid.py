@@ -1,8 +1,9 @@
 """Pyramid chains and the baselines they are compared with.
 
 ``pyramid-forward`` / ``pyramid-backward``
-    A chain over ``levels``; each level is taught only by the level above it (the
-    first by ``teacher``, VGG19), in two stages:
+    A chain over ``levels`` of the teacher's ladder (plugins/schemes/ladders.py: VGG19
+    → SVGG…, the CIFAR ResNet and WRN depth ladders); each level is taught only by the
+    level above it (the first by ``teacher``), in two steps:
 
     1. ``<entry>.<level>.hint`` — initialised from the teacher (weight inheritance:
        every shared layer is copied, only the compressed block starts random), the
@@ -11,22 +12,21 @@
        output, or ``gram`` on the block's input→output flow). Where the level adds no
        conv (svgg17 after vgg19; svgg5 after svgg8_b) it matches the teacher's logits
        (``mse-logits``) with every layer training. The checkpoint with the lowest
-       validation stage loss is kept.
+       validation stage loss is kept. A residual ladder compresses one stage per hint
+       stage, ``<entry>.<level>.hint.<stage>``, each starting from the one before.
     2. ``<entry>.<level>`` — from stage 1's checkpoint, every layer trains with the
        entry's ``[stages.loss]`` (default ``ce``; ``kd`` distils from the level above).
 
     The best checkpoint of stage 2 is the next level's teacher.
 
-``fitnet``      per level, directly from the teacher: hint stage (``hint`` loss on
-                VGG19's conv4_2) then stage 2.
-``gram-direct`` per level, directly from the teacher: Gram matching of every
-                compressed block, then stage 2.
+``fitnet`` and ``gram-direct`` (per level, directly from one teacher) live in
+:mod:`pyramidkd.plugins.schemes.hints` and use the helpers below.
 ``kd-chain``    teacher-assistant chain: one KD stage per level from the level above.
 ``ensemble``    one stage: KD from several teachers (``kd-ensemble`` loss).
 
-Level models get ``width``, ``batch_norm`` and ``dropout`` from the scheme's own
+VGG levels get ``width``, ``batch_norm`` and ``dropout`` from the scheme's own
 parameters (a ``[stages.model]`` section is refused: the scheme builds one model
-per level).
+per level); a residual ladder's levels are the zoo's models as they are.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ import attrs
 
 from pyramidkd.engine import ModelSource, RecipeError, Scheme, StageOutput, StagePlan, between, hookimpl, positive
 from pyramidkd.plugins.models.pyramid import BACKWARD_LEVELS, FORWARD_LEVELS, MODELS, PyramidModel
+from pyramidkd.plugins.schemes.ladders import (
+    LADDERS, HintStep, check_same_ladder, describe_ladders, ladder_of, refuse_level_params, vgg_hint,
+)
 
-FORWARD_CHAIN = ("vgg19",) + FORWARD_LEVELS
-BACKWARD_CHAIN = ("vgg19",) + BACKWARD_LEVELS
 LEVEL_NAMES = tuple(name for name in MODELS if name != "vgg19")
 
 
@@ -49,15 +50,16 @@ LEVEL_NAMES = tuple(name for name in MODELS if name != "vgg19")
 
 @attrs.define(kw_only=True)
 class LevelModelParams:
+    levels: list[str] = attrs.field(factory=lambda: list(FORWARD_LEVELS), metadata={"help": 'levels in chain order, e.g. ["svgg17", "svgg14"]'})
     width: float = attrs.field(default=1.0, validator=positive, metadata={"help": "channel multiplier of every level, e.g. 0.25 (must equal the teacher's)"})
     batch_norm: bool = attrs.field(default=False, metadata={"help": "BatchNorm in every level (must match the teacher)"})
     dropout: float = attrs.field(default=0.5, validator=between(0.0, 1.0))
     level_epochs: int | None = attrs.field(default=None, validator=positive, metadata={
         "help": "training epochs of every level before the last (default: the entry's train.epochs; the last level always trains those)"})
 
-    def epochs_of(self, level: str) -> int | None:
-        """A level's training epochs: ``level_epochs`` for all but the last level."""
-        return self.level_epochs if level != self.levels[-1] else None
+    def epochs_of(self, level: str, levels: list[str] | None = None) -> int | None:
+        """A level's training epochs: ``level_epochs`` for all but the last of ``levels`` (default: ``self.levels``)."""
+        return self.level_epochs if level != (levels or self.levels)[-1] else None
 
 
 STAGE1_LOSS_HELP = 'stage-1 loss: a name ("mse", "gram", "hint") or a table, e.g. { name = "gram", pool = "max" }'
@@ -65,8 +67,9 @@ STAGE1_LOSS_HELP = 'stage-1 loss: a name ("mse", "gram", "hint") or a table, e.g
 
 @attrs.define(kw_only=True)
 class PyramidForwardParams(LevelModelParams):
-    teacher: str = attrs.field(metadata={"help": 'the VGG19 teacher: an earlier stage id, e.g. "teacher", or a checkpoint file (.pt)'})
-    levels: list[str] = attrs.field(factory=lambda: list(FORWARD_LEVELS), metadata={"help": 'levels in chain order, e.g. ["svgg17", "svgg14"]'})
+    teacher: str = attrs.field(metadata={"help": 'the top of the chain (vgg19, resnet56, wrn_40_2, … a ladder level): an earlier stage id, e.g. "teacher", or a checkpoint file (.pt)'})
+    levels: list[str] = attrs.field(factory=lambda: list(FORWARD_LEVELS), metadata={
+        "help": 'levels below the teacher on its ladder, in chain order, e.g. ["svgg17", "svgg14"] or ["resnet32", "resnet20"] (default: the VGG19 chain)'})
     stage1_loss: str | dict[str, Any] = attrs.field(default="mse", metadata={"help": STAGE1_LOSS_HELP})
     stage1_epochs: int | None = attrs.field(default=None, validator=positive, metadata={"help": "epochs of stage 1 (default: the entry's train.epochs)"})
     stage1_train: dict[str, Any] = attrs.field(factory=dict, metadata={"help": "[train] keys overridden for stage 1 only, e.g. { optimizer = { lr = 0.01 } }"})
@@ -76,17 +79,6 @@ class PyramidForwardParams(LevelModelParams):
 @attrs.define(kw_only=True)
 class PyramidBackwardParams(PyramidForwardParams):
     levels: list[str] = attrs.field(factory=lambda: list(BACKWARD_LEVELS), metadata={"help": 'levels in chain order, e.g. ["svgg17_b", "svgg14_b"]'})
-
-
-@attrs.define(kw_only=True)
-class GramDirectParams(PyramidForwardParams):
-    stage1_loss: str | dict[str, Any] = attrs.field(default="gram", metadata={"help": STAGE1_LOSS_HELP})
-
-
-@attrs.define(kw_only=True)
-class FitNetParams(PyramidForwardParams):
-    stage1_loss: str | dict[str, Any] = attrs.field(default="hint", metadata={"help": STAGE1_LOSS_HELP})
-    inherit: bool = attrs.field(default=False, metadata={"help": "initialise each level from the teacher's shared layers (FitNet: no)"})
 
 
 @attrs.define(kw_only=True)
@@ -154,10 +146,10 @@ def refuse_model_section(entry, scheme: str) -> None:
         )
 
 
-def level_model(context, entry, level: str, params):
-    return context.component(
-        "model", level, {"width": params.width, "batch_norm": params.batch_norm, "dropout": params.dropout}, key=f"{entry.key}.scheme"
-    )
+def level_model(context, entry, level: str, params, ladder=LADDERS[0]):
+    """The model of a level: a VGG level with the scheme's width / batch_norm / dropout, a residual one as it is."""
+    name, model_params = ladder.level_model(level, params)
+    return context.component("model", name, model_params, key=f"{entry.key}.scheme")
 
 
 def check_levels(levels: list[str], allowed: tuple[str, ...], entry, scheme: str, *, ordered: bool = True) -> None:
@@ -202,102 +194,111 @@ def stage2_loss(context, entry, default: str = "ce"):
     return entry.loss or context.component("loss", default, {}, key=f"{entry.key}.loss")
 
 
-def region_taps(student_cls, teacher_cls, blocks: list[str], entry, teacher_name: str) -> tuple[dict, dict]:
-    """Taps ``in``/``out`` (one block) or ``in.<block>``/``out.<block>`` (several): the
-    input and output points of each compressed block, in the student and the teacher."""
-    student_taps, teacher_taps = {}, {}
-    for block in blocks:
-        suffix = "" if len(blocks) == 1 else f".{block}"
-        for tap, point in zip(("in", "out"), student_cls.regions[block]):
-            if point not in teacher_cls.points:
-                raise RecipeError(
-                    f"the teacher {teacher_name!r} ({teacher_cls.name}) has no layer at depth {point!r} to match {student_cls.name}'s {block}",
-                    key=f"{entry.key}.scheme.teacher",
-                    fix="use a teacher that still has that depth (e.g. vgg19)",
-                )
-            student_taps[tap + suffix] = student_cls.points[point]
-            teacher_taps[tap + suffix] = teacher_cls.points[point]
-    return student_taps, teacher_taps
+def fitnet_hint(student_cls, teacher_cls) -> HintStep:
+    """FitNet's hint stage: the student's guided layer against the teacher's hint layer."""
+    point, theirs = student_cls.points["hint"], teacher_cls.points["hint"]
+    # "out" too, so that stage1_loss = "mse" also works on the hint layers
+    return HintStep("hint", student_cls.layers_up_to(point), {"hint": point, "out": point}, {"hint": theirs, "out": theirs},
+                    f"hint: {point} ~ teacher {theirs}", [b for b in student_cls.blocks if b not in teacher_cls.blocks])
 
 
 def hint_and_train(context, entry, params, level: str, teacher: Teacher, *, scheme: str, hint_loss=None,
                    fitnet: bool = False) -> list[StagePlan]:
-    """The two stages of one level: a hint stage against ``teacher``, then training."""
+    """The two stages of one VGG level: a hint stage against ``teacher``, then training."""
     model = level_model(context, entry, level, params)
-    student_cls = model.cls
-    new_blocks = [b for b in student_cls.blocks if b not in teacher.cls.blocks]
-    compressed = [b for b in new_blocks if b in student_cls.regions]
-    info = {"level": level, "teacher_model": teacher.cls.name, "new_blocks": new_blocks}
     if fitnet:
-        point = student_cls.points["hint"]
-        # "out" too, so that stage1_loss = "mse" also works on the hint layers
-        student_taps = {"hint": point, "out": point}
-        teacher_taps = {"hint": teacher.cls.points["hint"], "out": teacher.cls.points["hint"]}
-        trainable = student_cls.layers_up_to(point)
-        loss, matched = hint_loss or stage1_loss_spec(context, entry, params), f"hint: {point} ~ teacher {teacher.cls.points['hint']}"
-    elif compressed:
-        student_taps, teacher_taps = region_taps(student_cls, teacher.cls, compressed, entry, teacher.reference)
-        last = max(student_cls.blocks.index(b) for b in compressed)
-        trainable = list(student_cls.blocks[: last + 1])
-        loss, matched = hint_loss or stage1_loss_spec(context, entry, params), "features: " + ", ".join(compressed)
-    else:  # no new conv: the level differs by its head; match logits, every layer trains
-        student_taps, teacher_taps, trainable = {}, {}, list(student_cls.blocks)
-        loss, matched = context.component("loss", "mse-logits", {}, f"{entry.key}.scheme.stage1_loss"), "logits"
-    hint_id, train_id = f"{entry.id}.{level}.hint", f"{entry.id}.{level}"
-    final_loss = stage2_loss(context, entry)
-    return [
-        StagePlan(
-            id=hint_id,
-            model=model,
+        hint = fitnet_hint(model.cls, teacher.cls)
+    else:
+        hint = vgg_hint(model.cls, teacher.cls, key=f"{entry.key}.scheme.teacher", teacher_name=teacher.reference)
+    return level_stages(context, entry, params, level, model, teacher, [hint], hint_loss=hint_loss)
+
+
+def level_stages(context, entry, params, level: str, model, teacher: Teacher, hints: list[HintStep], *,
+                 hint_loss=None, levels: list[str] | None = None) -> list[StagePlan]:
+    """A level's hint stage(s) against ``teacher``, each starting from the one before
+    (the first from the teacher when ``inherit``), then one stage training every layer."""
+    info = {"level": level, "teacher_model": teacher.cls.name, "new_blocks": hints[0].new_blocks}
+    stages, start = [], teacher.source if params.inherit else None
+    for hint in hints:
+        if hint.match_logits:
+            loss = context.component("loss", "mse-logits", {}, f"{entry.key}.scheme.stage1_loss")
+        else:
+            loss = hint_loss or stage1_loss_spec(context, entry, params)
+        stage = StagePlan(
+            id=f"{entry.id}.{level}.{hint.suffix}",
+            model=model if hint.model is None else context.component("model", hint.model, hint.params, key=f"{entry.key}.scheme"),
             loss=loss,
             train=stage1_train(context, entry, params),
             teachers=[teacher.source],
-            init_from=teacher.source if params.inherit else None,
-            trainable=trainable,
-            student_taps=student_taps,
-            teacher_taps=teacher_taps,
+            init_from=start,
+            trainable=hint.trainable,
+            student_taps=hint.student_taps,
+            teacher_taps=hint.teacher_taps,
             select="val_loss",
-            info={**info, "step": "hint", "matched": matched},
-        ),
-        StagePlan(
-            id=train_id,
-            model=model,
-            loss=final_loss,
-            train=context.train(entry, epochs=params.epochs_of(level)),
-            teachers=[teacher.source] if final_loss.cls.needs_teacher else [],
-            init_from=StageOutput(hint_id),
-            info={**info, "step": "train", "taught_by": teacher.reference},
-        ),
-    ]
+            info={**info, "step": "hint", "matched": hint.matched},
+        )
+        stages.append(stage)
+        start = StageOutput(stage.id)
+    final_loss = stage2_loss(context, entry)
+    stages.append(StagePlan(
+        id=f"{entry.id}.{level}",
+        model=model,
+        loss=final_loss,
+        train=context.train(entry, epochs=params.epochs_of(level, levels)),
+        teachers=[teacher.source] if final_loss.cls.needs_teacher else [],
+        init_from=start,
+        info={**info, "step": "train", "taught_by": teacher.reference},
+    ))
+    return stages
 
 
 # --- schemes ----------------------------------------------------------------------
 
 
+def ladder_teacher(context, reference: str, key: str, scheme: str):
+    """The teacher and the ladder it is a level of (the chain's family)."""
+    teacher = resolve_teacher(context, reference, key, scheme, pyramid=False)
+    ladder = ladder_of(teacher.cls.name)
+    if ladder is None:
+        raise RecipeError(
+            f"scheme {scheme!r} needs a Pyramid-family teacher, a level of a model ladder ({describe_ladders()}), "
+            f"but {reference!r} is a {teacher.cls.name!r} model",
+            key=key,
+            fix='train the teacher with [stages.model] name = "vgg19" (or a ladder\'s top, e.g. "resnet56", "wrn_40_2")',
+        )
+    return teacher, ladder
+
+
 class PyramidForwardScheme(Scheme):
-    """Pyramid chain compressing VGG19 from the classifier end: svgg17 → svgg14 → svgg11 → svgg8 → svgg5."""
+    """Pyramid chain from the output side: VGG19 → svgg17 → … → svgg5, or a ResNet / WRN depth ladder, last stage first."""
 
     name = "pyramid-forward"
     Params = PyramidForwardParams
-    chain = FORWARD_CHAIN
+    direction = "forward"
 
     def plan(self, entry, context):
         p = self.params
         refuse_model_section(entry, self.name)
-        check_levels(p.levels, self.chain[1:], entry, self.name)
         key = f"{entry.key}.scheme.teacher"
-        teacher = resolve_teacher(context, p.teacher, key, self.name)
-        if teacher.cls.name not in self.chain or self.chain.index(teacher.cls.name) >= self.chain.index(p.levels[0]):
+        teacher, ladder = ladder_teacher(context, p.teacher, key, self.name)
+        chain = ladder.chain(self.direction)
+        below = chain[chain.index(teacher.cls.name) + 1:] if teacher.cls.name in chain else ()
+        check_same_ladder(p.levels, ladder, f"{entry.key}.scheme.levels", self.name, teacher=f"{p.teacher!r} ({teacher.cls.name})", below=below)
+        check_levels(p.levels, chain[1:], entry, self.name)
+        if teacher.cls.name not in chain or chain.index(teacher.cls.name) >= chain.index(p.levels[0]):
             raise RecipeError(
                 f"scheme {self.name!r}: the teacher {p.teacher!r} is a {teacher.cls.name!r} model, not above the first level {p.levels[0]!r} "
-                f"in the chain {' → '.join(self.chain)}",
+                f"in the chain {' → '.join(chain)}",
                 key=key,
-                fix="use the VGG19 teacher (or a level above the first one listed)",
+                fix=f"use the {chain[0]} teacher (or a level above the first one listed)",
             )
+        refuse_level_params(p, ladder, f"{entry.key}.scheme", self.name)
         check_compatible(teacher, p, entry, self.name, batch_norm=p.inherit)
         stages = []
         for level in p.levels:
-            planned = hint_and_train(context, entry, p, level, teacher, scheme=self.name)
+            model = level_model(context, entry, level, p, ladder)
+            hints = ladder.hints(model.cls, teacher.cls, self.direction, key=key, teacher_name=teacher.reference)
+            planned = level_stages(context, entry, p, level, model, teacher, hints)
             stages += planned
             final = planned[-1]
             teacher = Teacher(StageOutput(final.id), final.model.cls, attrs.asdict(final.model.params), final.id)
@@ -305,48 +306,11 @@ class PyramidForwardScheme(Scheme):
 
 
 class PyramidBackwardScheme(PyramidForwardScheme):
-    """Pyramid chain compressing VGG19 from the input end: svgg17_b → svgg14_b → svgg11_b → svgg8_b → svgg5."""
+    """Pyramid chain from the input side: VGG19 → svgg17_b → … → svgg8_b → svgg5, or a ResNet / WRN depth ladder, first stage first."""
 
     name = "pyramid-backward"
     Params = PyramidBackwardParams
-    chain = BACKWARD_CHAIN
-
-
-class GramDirectScheme(Scheme):
-    """Per level, Gram (FSP) matching of every compressed block directly against VGG19, then training."""
-
-    name = "gram-direct"
-    Params = GramDirectParams
-
-    def plan(self, entry, context):
-        p = self.params
-        refuse_model_section(entry, self.name)
-        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
-        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name)
-        check_compatible(teacher, p, entry, self.name, batch_norm=p.inherit)
-        stages = []
-        for level in p.levels:
-            stages += hint_and_train(context, entry, p, level, teacher, scheme=self.name)
-        return stages
-
-
-class FitNetScheme(Scheme):
-    """FitNet per level, directly from VGG19: hint stage on conv4_2 (1×1 regressor where channels differ), then training."""
-
-    name = "fitnet"
-    Params = FitNetParams
-
-    def plan(self, entry, context):
-        p = self.params
-        refuse_model_section(entry, self.name)
-        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
-        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name)
-        if p.inherit:
-            check_compatible(teacher, p, entry, self.name)
-        stages = []
-        for level in p.levels:
-            stages += hint_and_train(context, entry, p, level, teacher, scheme=self.name, fitnet=True)
-        return stages
+    direction = "backward"
 
 
 class KDChainScheme(Scheme):
@@ -358,14 +322,17 @@ class KDChainScheme(Scheme):
     def plan(self, entry, context):
         p = self.params
         refuse_model_section(entry, self.name)
-        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
+        ladder = (ladder_of(p.levels[0]) if p.levels else None) or LADDERS[0]
+        check_same_ladder(p.levels, ladder, f"{entry.key}.scheme.levels", self.name)
+        check_levels(p.levels, ladder.students(), entry, self.name, ordered=False)
+        refuse_level_params(p, ladder, f"{entry.key}.scheme", self.name)
         teacher = context.model_source(p.teacher, f"{entry.key}.scheme.teacher")
         loss = stage2_loss(context, entry, default="kd")
         stages = []
         for level in p.levels:
             stage = StagePlan(
                 id=f"{entry.id}.{level}",
-                model=level_model(context, entry, level, p),
+                model=level_model(context, entry, level, p, ladder),
                 loss=loss,
                 train=context.train(entry, epochs=p.epochs_of(level)),
                 teachers=[teacher] if loss.cls.needs_teacher else [],
@@ -408,4 +375,4 @@ class EnsembleScheme(Scheme):
 
 @hookimpl
 def pyramidkd_register_schemes():
-    return [PyramidForwardScheme, PyramidBackwardScheme, FitNetScheme, GramDirectScheme, KDChainScheme, EnsembleScheme]
+    return [PyramidForwardScheme, PyramidBackwardScheme, KDChainScheme, EnsembleScheme]
