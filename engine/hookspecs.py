@@ -7,11 +7,46 @@ Plugins implement these with ``@pyramidkd.engine.hookimpl``. Two families:
   attributed to the plugin that provides it (duplicate names are an error);
 * **lifecycle hooks** (``pyramidkd_run_*``, ``pyramidkd_stage_*``, ...) tell
   loggers and callbacks what the runner is doing. Their return values are ignored.
+
+The registration hooks run once, when the plugin host is built (before the recipe is
+planned). The lifecycle hooks run in this order (:mod:`~pyramidkd.engine.runner`
+and :mod:`~pyramidkd.engine.training.loop`), on rank 0 only under torchrun::
+
+    pyramidkd_run_start(run)
+    for stage in run.stages:
+        if stage.id in run.completed:                  # reused: unchanged since an earlier run
+            pyramidkd_stage_end(run, stage, result)    # result.skipped is True; no other hook
+            continue
+        pyramidkd_stage_start(run, stage)              # after the stage's models are built (and restored on resume)
+        for epoch in remaining_epochs:                 # from the resumed epoch on --resume
+            for step in remaining_steps:               # from the step after the saved one
+                pyramidkd_batch_end(run, stage, epoch, step, num_steps, loss)   # every batch, skipped ones too
+            # validation, then `last` is saved
+            pyramidkd_epoch_end(run, stage, epoch, metrics)   # metrics: the EpochRecord
+            pyramidkd_metrics(run, stage, record)             # the same EpochRecord
+        # the best checkpoint is tested
+        pyramidkd_metrics(run, stage, record)          # the TestRecord
+        pyramidkd_stage_end(run, stage, result)        # result: the StageResult, result.json written
+    pyramidkd_run_end(run, summary)                    # summary.json written
+
+A run stopped early (Ctrl-C, a non-finite loss, an error) ends after the last hook
+called: no ``stage_end`` or ``run_end`` follows. The argument types below are
+annotations only (imported for type checkers, never at run time).
 """
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING, Callable, Protocol
+
 import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from .components import Dataset, Launcher, Logger, Loss, Model, Scheme, StagePlan
+    from .lifecycle import Run
+    from .records import EpochRecord, RunSummary, StageResult, TestRecord
 
 PROJECT_NAME = "pyramidkd"
 
@@ -19,11 +54,21 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+class CommandAdder(Protocol):
+    """What ``pyramidkd_register_commands`` receives (the command-line registry,
+    :class:`pyramidkd.engine.commands.registry.Commands`, which the runtime does
+    not import)."""
+
+    def add(self, name: str, *, help: str, run: Callable[[argparse.Namespace], int | None],
+            arguments: Callable[[argparse.ArgumentParser], None] | None = None, description: str | None = None) -> None:
+        ...
+
+
 # --- registration -----------------------------------------------------------
 
 
 @hookspec
-def pyramidkd_register_schemes():
+def pyramidkd_register_schemes() -> list[type[Scheme]]:
     """Return a list of :class:`~pyramidkd.engine.components.Scheme` subclasses.
 
     A scheme is a planner: given one ``[[stages]]`` entry of a recipe it yields the
@@ -34,7 +79,7 @@ def pyramidkd_register_schemes():
 
 
 @hookspec
-def pyramidkd_register_losses():
+def pyramidkd_register_losses() -> list[type[Loss]]:
     """Return a list of :class:`~pyramidkd.engine.components.Loss` subclasses.
 
     A loss is an ``nn.Module`` called as ``loss(student, teachers, targets)`` with
@@ -44,7 +89,7 @@ def pyramidkd_register_losses():
 
 
 @hookspec
-def pyramidkd_register_datasets():
+def pyramidkd_register_datasets() -> list[type[Dataset]]:
     """Return a list of :class:`~pyramidkd.engine.components.Dataset` subclasses.
 
     A dataset's ``load(context)`` returns :class:`~pyramidkd.engine.components.DataSplits`
@@ -54,7 +99,7 @@ def pyramidkd_register_datasets():
 
 
 @hookspec
-def pyramidkd_register_models():
+def pyramidkd_register_models() -> list[type[Model]]:
     """Return a list of :class:`~pyramidkd.engine.components.Model` subclasses.
 
     A model's ``build(num_classes, input_shape)`` returns an ``nn.Module`` mapping a
@@ -63,7 +108,7 @@ def pyramidkd_register_models():
 
 
 @hookspec
-def pyramidkd_register_loggers():
+def pyramidkd_register_loggers() -> list[type[Logger]]:
     """Return a list of :class:`~pyramidkd.engine.components.Logger` subclasses.
 
     A recipe switches loggers on by name (``loggers = ["console", "files"]``); the
@@ -73,7 +118,7 @@ def pyramidkd_register_loggers():
 
 
 @hookspec
-def pyramidkd_register_launchers():
+def pyramidkd_register_launchers() -> list[type[Launcher]]:
     """Return a list of :class:`~pyramidkd.engine.components.Launcher` subclasses.
 
     A launcher runs the jobs of ``pyramidkd sweep`` (one per cell and seed):
@@ -84,7 +129,7 @@ def pyramidkd_register_launchers():
 
 
 @hookspec
-def pyramidkd_register_commands(commands):
+def pyramidkd_register_commands(commands: CommandAdder) -> None:
     """Add sub-commands to the ``pyramidkd`` command line.
 
     Call ``commands.add(name, help=..., arguments=..., run=...)`` once per command:
@@ -99,10 +144,10 @@ def pyramidkd_register_commands(commands):
 
 
 @hookspec
-def pyramidkd_run_start(run):
+def pyramidkd_run_start(run: Run) -> None:
     """Called once before the first stage, after the run directory is prepared.
 
-    ``run`` is the :class:`~pyramidkd.engine.runner.Run` (directory, recipe, device,
+    ``run`` is the :class:`~pyramidkd.engine.lifecycle.Run` (directory, recipe, device,
     planned stages, ``quiet`` flag; ``completed``: the stages reused from an earlier
     run, ``resume_stage`` and ``resume_history``: the stage continued from its
     ``last`` checkpoint and its earlier epoch records (``EpochRecord``);
@@ -111,20 +156,20 @@ def pyramidkd_run_start(run):
 
 
 @hookspec
-def pyramidkd_run_end(run, summary):
+def pyramidkd_run_end(run: Run, summary: RunSummary) -> None:
     """Called once after the last stage with the run summary, a
     :class:`~pyramidkd.engine.records.RunSummary` (``summary.to_dict()`` is
     ``summary.json``)."""
 
 
 @hookspec
-def pyramidkd_stage_start(run, stage):
+def pyramidkd_stage_start(run: Run, stage: StagePlan) -> None:
     """Called before a stage trains. ``stage`` is its
     :class:`~pyramidkd.engine.components.StagePlan`."""
 
 
 @hookspec
-def pyramidkd_stage_end(run, stage, result):
+def pyramidkd_stage_end(run: Run, stage: StagePlan, result: StageResult) -> None:
     """Called after a stage: its best checkpoint is written and tested. ``result``
     is its :class:`~pyramidkd.engine.records.StageResult` (``result.to_dict()`` goes
     into ``result.json`` and ``summary.json``). Also called for a stage reused from
@@ -132,19 +177,21 @@ def pyramidkd_stage_end(run, stage, result):
 
 
 @hookspec
-def pyramidkd_batch_end(run, stage, epoch, step, num_steps, loss):
-    """Called after every optimisation step. ``loss`` is the (detached) loss tensor:
-    call ``.item()`` only when needed, as it synchronises with the device."""
+def pyramidkd_batch_end(run: Run, stage: StagePlan, epoch: int, step: int, num_steps: int, loss: torch.Tensor) -> None:
+    """Called after every training batch (one optimisation step; a batch skipped for a
+    non-finite loss too). ``epoch`` counts from 1, ``step`` from 1 to ``num_steps``
+    (the steps of an epoch). ``loss`` is the (detached) loss tensor: call ``.item()``
+    only when needed, as it synchronises with the device."""
 
 
 @hookspec
-def pyramidkd_epoch_end(run, stage, epoch, metrics):
+def pyramidkd_epoch_end(run: Run, stage: StagePlan, epoch: int, metrics: EpochRecord) -> None:
     """Called after each epoch's validation (and after ``last`` is saved), with that
     epoch's :class:`~pyramidkd.engine.records.EpochRecord`."""
 
 
 @hookspec
-def pyramidkd_metrics(run, stage, record):
+def pyramidkd_metrics(run: Run, stage: StagePlan, record: EpochRecord | TestRecord) -> None:
     """Called for every metrics record the runner produces: an
     :class:`~pyramidkd.engine.records.EpochRecord` per epoch (``record.kind ==
     "epoch"``) and a :class:`~pyramidkd.engine.records.TestRecord` per stage for the

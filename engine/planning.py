@@ -1,27 +1,37 @@
-"""From a validated recipe to the ordered list of stages to run.
+"""From a validated recipe to the run prepared short of training.
 
-The flow runs one way: :func:`~pyramidkd.engine.recipe.load_recipe` validates the
-host's keys, a :class:`ComponentResolver` looks every component up in the plugin
-registries and validates its parameters, and each ``[[stages]]`` entry's scheme
-plans one or more stages through a :class:`PlanContext`. The context resolves
-references: ``"teacher"`` names an earlier stage (or an earlier entry, meaning its
-last stage); a path ending in ``.pt`` names a checkpoint file.
+One entry point, :func:`prepare_run`, returns a :class:`PreparedRun` (the stages
+in order, the components, the notes). The flow runs one way:
+:func:`~pyramidkd.engine.recipe.load_recipe` validated the host's keys; a
+:class:`ComponentResolver` looks every component up in the plugin registries and
+validates its parameters; each ``[[stages]]`` entry's scheme plans one or more
+stages through a :class:`PlanContext`, which resolves references (``"teacher"``
+names an earlier stage, or an earlier entry meaning its last stage; a path ending
+in ``.pt`` names a checkpoint file); then the checks that need the whole plan.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from typing import Any
 
 import attrs
 
-from .components import CheckpointFile, ComponentSpec, DataShape, ModelSource, StageOutput, StagePlan
+from .components import CheckpointFile, ComponentSpec, DatasetContext, DataShape, DataSplits, ModelSource, StageOutput, StagePlan
+from .data.pipeline import run_pipeline
 from .errors import CheckpointError, RecipeError
-from .recipe import RawComponent, Recipe, parse_key_path
+from .recipe import RawComponent, Recipe, leaf_paths, lookup_key_path
+from .registries import PluginHost
 from .settings import TrainSection
+from .shadowing import shadowed_overrides
+from .training.checkpoints import load_checkpoint
+from .tapping import check_stage_taps
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+log = logging.getLogger("pyramidkd")
 
 
 @attrs.define(frozen=True)
@@ -60,14 +70,12 @@ class ComponentResolver:
 
     def build(self, kind: str, name: str, params: dict | None, key: str) -> ComponentSpec:
         """A component a scheme chooses itself; ``key`` is where its choice comes from."""
-        shorthand = not params and isinstance(_lookup(self.recipe.data, key), str)
+        shorthand = not params and isinstance(lookup_key_path(self.recipe.data, key), str)
         return self.resolve(kind, RawComponent(name, dict(params or {}), key, shorthand=shorthand))
 
     def checkpoint_model(self, source: CheckpointFile) -> SourceModel:
         """The model a checkpoint file describes (read once per file)."""
         if source.path not in self._checkpoints:
-            from .training.checkpoints import load_checkpoint
-
             description = load_checkpoint(source.path).get("model") or {}
             cls = self._registries["model"].get(description.get("name"), file=self.recipe.file, key=source.key)
             shape = description.get("input_shape")
@@ -129,7 +137,7 @@ class PlanContext:
         settings = entry.train
         if defaults:
             section = self.recipe.stages[entry.index]
-            written = _leaf_paths(self.recipe.data.get("train", {})) | _leaf_paths(section.train_overrides)
+            written = leaf_paths(self.recipe.data.get("train", {})) | leaf_paths(section.train_overrides)
             unset = _drop_paths(defaults, written)
             if unset:
                 settings = structurer.evolve(settings, unset, key)
@@ -222,6 +230,78 @@ def plan_recipe(recipe: Recipe, resolver: ComponentResolver) -> list[StagePlan]:
     return list(context.stages)
 
 
+# --- the one entry point: a recipe planned and checked short of training -----------
+
+
+@attrs.define
+class PreparedRun:
+    """A recipe that passed every check short of training (:func:`prepare_run`)."""
+
+    recipe: Recipe
+    host: PluginHost
+    stages: list[StagePlan]
+    dataset: ComponentSpec
+    loggers: list[ComponentSpec]
+    resolver: ComponentResolver
+    notes: list[str] = attrs.field(factory=list)  # warnings already logged (shadowed --set values)
+    pipeline: str = "auto"  # [train] pipeline, the same for every stage (engine/data/pipeline.py)
+
+    def check_data(self, data: DataSplits) -> None:
+        """Refuse teacher / init_from checkpoints that do not fit the loaded data
+        (call before training; :func:`prepare_run` checked already when the dataset
+        could tell its shape without loading)."""
+        shape = DataShape(tuple(data.input_shape), int(data.num_classes))
+        check_sources_fit(self.stages, shape, self.resolver, self.dataset.name)
+
+
+def prepare_run(recipe: Recipe, host: PluginHost, *, max_epochs: int | None = None) -> PreparedRun:
+    """Plan a loaded recipe with ``host``'s plugins and check what can be checked before
+    the data is loaded: components and their parameters, every stage's references,
+    the ``[reference]`` ids, checkpoints against the dataset's shape (when it can tell
+    it without loading), one ``pipeline`` for all stages; ``--set`` values a stage
+    shadows are logged as notes. ``max_epochs`` caps every stage's epochs
+    (scheme-planned stages included)."""
+    resolver = ComponentResolver(recipe, host.registries)
+    dataset = resolver.resolve("dataset", recipe.dataset)
+    loggers = [resolver.resolve("logger", raw) for raw in recipe.loggers]
+    stages = _capped(plan_recipe(recipe, resolver), max_epochs)
+    _check_references(recipe, stages)
+    shape = dataset.instantiate().data_shape(dataset_context(recipe))
+    if shape is not None:  # otherwise PreparedRun.check_data, once the data is loaded
+        check_sources_fit(stages, shape, resolver, dataset.name)
+    pipeline = run_pipeline(stages, dataset, recipe.file)
+    notes = shadowed_overrides(recipe, stages, max_epochs)
+    for note in notes:
+        log.warning(note)
+    return PreparedRun(recipe, host, stages, dataset, loggers, resolver, notes, pipeline)
+
+
+def dataset_context(recipe: Recipe) -> DatasetContext:
+    """What a dataset plugin is told: the seed, the recipe's folder, the cache folder."""
+    cache = os.environ.get("PYRAMIDKD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pyramidkd"))
+    return DatasetContext(seed=recipe.experiment.seed, recipe_dir=recipe.directory, cache_dir=cache)
+
+
+def _capped(stages: list[StagePlan], max_epochs: int | None) -> list[StagePlan]:
+    if max_epochs is None:
+        return stages
+    if max_epochs < 1:
+        raise RecipeError(f"--max-epochs must be 1 or more, got {max_epochs}", fix="pass a positive number, e.g. --max-epochs 1")
+    return [attrs.evolve(s, train=attrs.evolve(s.train, epochs=min(s.train.epochs, max_epochs))) for s in stages]
+
+
+def _check_references(recipe: Recipe, stages: list[StagePlan]) -> None:
+    """Every ``[reference]`` key names a stage or an entry."""
+    for stage_id in recipe.reference:
+        if not any(stage.id == stage_id or stage.entry_id == stage_id for stage in stages):
+            raise RecipeError(
+                f"reference for unknown stage {stage_id!r}",
+                file=recipe.file,
+                key=f"reference.{stage_id}",
+                fix=f"use a stage id: {', '.join(s.id for s in stages)}",
+            )
+
+
 # --- checks after planning --------------------------------------------------------
 
 
@@ -247,77 +327,10 @@ def check_sources_fit(stages: list[StagePlan], shape: DataShape, resolver: Compo
                 fix=f"use a checkpoint trained on {shape.describe()}, or set [dataset] to give {theirs.describe()} "
                 "(its image_size, channels or classes)",
             )
-
-
-def shadowed_overrides(recipe: Recipe, stages: list[StagePlan], max_epochs: int | None = None) -> list[str]:
-    """One line per ``--set`` training value that some stages do not train with,
-    because a stage-level setting (``[stages.train]``, a scheme's own such as
-    ``stage1_epochs``) overrides it. ``max_epochs``: the cap already applied to
-    ``stages``, so a ``--set`` epoch count counts as reaching a stage capped below it."""
-    notes = []
-    sections = {section.id: section for section in recipe.stages}
-    for path in sorted(recipe.overridden):
-        for leaf, value in _leaves(path, _lookup(recipe.data, path)):
-            parts = parse_key_path(leaf)
-            if parts[:1] == ["train"]:
-                setting, entries = parts[1:], None
-            elif len(parts) > 3 and parts[0] == "stages" and isinstance(parts[1], int) and parts[2] == "train":
-                setting, entries = parts[3:], {recipe.stages[parts[1]].id} if parts[1] < len(recipe.stages) else set()
-            else:
-                continue
-            by_source: dict[str, list[str]] = {}
-            for stage in stages:
-                if entries is not None and stage.entry_id not in entries:
-                    continue
-                actual = _attribute(stage.train, setting)
-                wanted = min(value, max_epochs) if setting == ["epochs"] and max_epochs and isinstance(value, int) else value
-                if actual is _MISSING or actual == wanted:
-                    continue
-                section = sections.get(stage.entry_id)
-                if section is None:
-                    continue
-                own = f"stages[{section.index}].train.{'.'.join(map(str, setting))}"
-                if entries is None and tuple(setting) in _leaf_paths(section.train_overrides):
-                    if own in recipe.overridden:
-                        continue  # both set from the command line: the stage's is meant
-                    source = f"{_show(actual)}, from {own}"
-                else:
-                    source = f"{_show(actual)}, from scheme {section.scheme.name!r} of stages[{section.index}]"
-                by_source.setdefault(source, []).append(stage.id)
-            if by_source:
-                where = "; ".join(f"{', '.join(ids)} ({source})" for source, ids in by_source.items())
-                count = sum(len(ids) for ids in by_source.values())
-                hint = "; --max-epochs N caps every stage" if setting == ["epochs"] else ""
-                notes.append(f"--set {leaf}={_show(value)} does not reach {count} stage(s) that set their own: {where}{hint}")
-    return notes
+    check_stage_taps(stages, shape, resolver)  # models built on the meta device: image size, taps, feature shapes
 
 
 # --- helpers ------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-def _lookup(data: Any, key: str) -> Any:
-    node = data
-    for part in parse_key_path(key):
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
-
-
-def _leaves(path: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        return [leaf for key, item in value.items() for leaf in _leaves(f"{path}.{key}", item)]
-    return [(path, value)]
-
-
-def _leaf_paths(table: dict, prefix: tuple = ()) -> set[tuple]:
-    paths = set()
-    for key, value in table.items():
-        paths |= _leaf_paths(value, prefix + (key,)) if isinstance(value, dict) else {prefix + (key,)}
-    return paths
 
 
 def _drop_paths(table: dict, drop: set[tuple], prefix: tuple = ()) -> dict:
@@ -330,18 +343,3 @@ def _drop_paths(table: dict, drop: set[tuple], prefix: tuple = ()) -> dict:
         elif prefix + (key,) not in drop:
             kept[key] = value
     return kept
-
-
-def _attribute(settings: Any, parts: list) -> Any:
-    node = settings
-    for part in parts:
-        if not (attrs.has(type(node)) and isinstance(part, str) and hasattr(node, part)):
-            return _MISSING
-        node = getattr(node, part)
-    return node
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f'"{value}"' if isinstance(value, str) else str(value)

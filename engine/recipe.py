@@ -111,6 +111,25 @@ def parse_key_path(path: str) -> list[str | int]:
     return parts
 
 
+def lookup_key_path(data: Any, key: str) -> Any:
+    """The value at ``key`` (``stages[1].loss``) in recipe data; ``None`` where there is none."""
+    node = data
+    for part in parse_key_path(key):
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def leaf_paths(table: dict, prefix: tuple = ()) -> set[tuple]:
+    """Every key path to a non-table value of ``table``, as tuples of keys."""
+    paths = set()
+    for key, value in table.items():
+        paths |= leaf_paths(value, prefix + (key,)) if isinstance(value, dict) else {prefix + (key,)}
+    return paths
+
+
 def format_key_path(parts: list[str | int]) -> str:
     text = ""
     for part in parts:
@@ -197,10 +216,8 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
             close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
             hint = f"did you mean [{close[0]}]? " if close else ""
             raise structurer.error(key, f"unknown section {key!r}; valid sections: {', '.join(TOP_LEVEL_KEYS)}", f"{hint}remove or rename it")
-
     experiment = structurer.structure(ExperimentSection, data.get("experiment", {}), "experiment")
     train = structurer.structure(TrainSection, data.get("train", {}), "train")
-
     if "dataset" not in data:
         raise structurer.error("dataset", "required section is missing", 'add [dataset] with name = "digits" (or another dataset plugin)')
     dataset = _raw_component(structurer, data["dataset"], "dataset")
@@ -210,43 +227,8 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
         raise structurer.error("stages", "no stages: the recipe trains nothing", 'add at least one [[stages]] table with id = "..." and a [stages.scheme]')
     if not isinstance(raw_stages, list) or not raw_stages:
         raise structurer.error("stages", "expected one or more [[stages]] tables", "write each stage as [[stages]]")
-    stages = []
     seen_ids: dict[str, int] = {}
-    for index, raw in enumerate(raw_stages):
-        key = f"stages[{index}]"
-        if not isinstance(raw, dict):
-            raise structurer.error(key, f"expected a table, got {raw!r}", "write each stage as [[stages]]")
-        for stage_key in raw:
-            if stage_key not in STAGE_KEYS:
-                close = difflib.get_close_matches(stage_key, STAGE_KEYS, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise structurer.error(f"{key}.{stage_key}", f"unknown key {stage_key!r}; valid keys: {', '.join(STAGE_KEYS)}", f"{hint}scheme-specific keys go in [stages.scheme]")
-        stage_id = raw.get("id")
-        if stage_id is None:
-            raise structurer.error(f"{key}.id", "required key is missing", 'give every stage a unique id, e.g. id = "teacher"')
-        if not isinstance(stage_id, str) or not STAGE_ID.match(stage_id):
-            raise structurer.error(f"{key}.id", f"invalid stage id {stage_id!r}", "use letters, digits, '-', '_' or '.' (it names a folder)")
-        if stage_id in seen_ids:
-            raise structurer.error(f"{key}.id", f"duplicate stage id {stage_id!r} (also stages[{seen_ids[stage_id]}])", "give every stage a unique id")
-        seen_ids[stage_id] = index
-        if "scheme" not in raw:
-            raise structurer.error(f"{key}.scheme", "required key is missing", 'add scheme = "scratch" (or "kd", ...) or a [stages.scheme] table')
-        stage_train = raw.get("train", {})
-        if not isinstance(stage_train, dict):
-            raise structurer.error(f"{key}.train", "expected a table", "write [stages.train] with the keys to override")
-        # Only the stage's own keys are checked here: [train] under them already was.
-        stage_settings = structurer.evolve(train, stage_train, f"{key}.train")
-        stages.append(
-            StageSection(
-                id=stage_id,
-                index=index,
-                scheme=_raw_component(structurer, raw["scheme"], f"{key}.scheme"),
-                model=_raw_component(structurer, raw["model"], f"{key}.model") if "model" in raw else None,
-                loss=_raw_component(structurer, raw["loss"], f"{key}.loss") if "loss" in raw else None,
-                train=stage_settings,
-                train_overrides=stage_train,
-            )
-        )
+    stages = [_parse_stage(structurer, raw, index, train, seen_ids) for index, raw in enumerate(raw_stages)]
 
     raw_loggers = data.get("loggers", DEFAULT_LOGGERS)
     if not isinstance(raw_loggers, list):
@@ -255,6 +237,42 @@ def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = 
 
     reference = structurer.convert(data.get("reference", {}), dict[str, float], "reference")
     return Recipe(file, data, experiment, train, dataset, stages, loggers, reference, overridden or set())
+
+
+def _parse_stage(structurer: Structurer, raw: Any, index: int, train: TrainSection, seen_ids: dict[str, int]) -> StageSection:
+    """One ``[[stages]]`` table: its keys, a unique id, and its ``[stages.train]`` over ``[train]``."""
+    key = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise structurer.error(key, f"expected a table, got {raw!r}", "write each stage as [[stages]]")
+    for stage_key in raw:
+        if stage_key not in STAGE_KEYS:
+            close = difflib.get_close_matches(stage_key, STAGE_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise structurer.error(f"{key}.{stage_key}", f"unknown key {stage_key!r}; valid keys: {', '.join(STAGE_KEYS)}", f"{hint}scheme-specific keys go in [stages.scheme]")
+    stage_id = raw.get("id")
+    if stage_id is None:
+        raise structurer.error(f"{key}.id", "required key is missing", 'give every stage a unique id, e.g. id = "teacher"')
+    if not isinstance(stage_id, str) or not STAGE_ID.match(stage_id):
+        raise structurer.error(f"{key}.id", f"invalid stage id {stage_id!r}", "use letters, digits, '-', '_' or '.' (it names a folder)")
+    if stage_id in seen_ids:
+        raise structurer.error(f"{key}.id", f"duplicate stage id {stage_id!r} (also stages[{seen_ids[stage_id]}])", "give every stage a unique id")
+    seen_ids[stage_id] = index
+    if "scheme" not in raw:
+        raise structurer.error(f"{key}.scheme", "required key is missing", 'add scheme = "scratch" (or "kd", ...) or a [stages.scheme] table')
+    stage_train = raw.get("train", {})
+    if not isinstance(stage_train, dict):
+        raise structurer.error(f"{key}.train", "expected a table", "write [stages.train] with the keys to override")
+    # Only the stage's own keys are checked here: [train] under them already was.
+    settings = structurer.evolve(train, stage_train, f"{key}.train")
+    return StageSection(
+        id=stage_id,
+        index=index,
+        scheme=_raw_component(structurer, raw["scheme"], f"{key}.scheme"),
+        model=_raw_component(structurer, raw["model"], f"{key}.model") if "model" in raw else None,
+        loss=_raw_component(structurer, raw["loss"], f"{key}.loss") if "loss" in raw else None,
+        train=settings,
+        train_overrides=stage_train,
+    )
 
 
 def _raw_component(structurer: Structurer, value: Any, key: str) -> RawComponent:

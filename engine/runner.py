@@ -15,17 +15,17 @@ from typing import Iterable, Sequence
 import attrs
 import torch
 
-from .distributed import World, barrier, broadcast_object, init_world
-from .components import ComponentSpec, DatasetContext, DataShape, DataSplits, StagePlan
-from .datapath import load_run_data, run_pipeline
+from .distributed import World, barrier, broadcast_object, init_world, resolve_device
+from .components import DataSplits
+from .data.pipeline import load_run_data
 from .errors import RecipeError, RunDirectoryError
-from .host import PluginHost, make_plugin_host
-from .planning import ComponentResolver, check_sources_fit, plan_recipe, shadowed_overrides
+from .host import make_plugin_host
+from .lifecycle import Run
+from .planning import PreparedRun, dataset_context, prepare_run
 from .recipe import Recipe, dump_toml, load_recipe
-from .records import DatasetInfo, EpochRecord, RunSummary, StageResult
+from .records import DatasetInfo, RunSummary, write_summary
 from .rundir import RunDirectory, atomic_write_json, command_line, default_output_dir
 from .training.fingerprint import Fingerprints
-from .training.loaders import resolve_device
 from .training.loop import StageRunner
 from .training.reuse import decide_reuse
 from .training.stops import ImmediateStop, StopFlag, resume_command, signals_to
@@ -33,31 +33,11 @@ from .training.stops import ImmediateStop, StopFlag, resume_command, signals_to
 log = logging.getLogger("pyramidkd")
 
 
-@attrs.define
-class PreparedRun:
-    """A recipe that passed every check short of training."""
-
-    recipe: Recipe
-    host: PluginHost
-    stages: list[StagePlan]
-    dataset: ComponentSpec
-    loggers: list[ComponentSpec]
-    resolver: ComponentResolver
-    notes: list[str] = attrs.field(factory=list)  # warnings already logged (shadowed --set values)
-    pipeline: str = "auto"  # [train] pipeline, the same for every stage (engine/datapath.py)
-
-    def check_data(self, data: DataSplits) -> None:
-        """Refuse teacher / init_from checkpoints that do not fit the loaded data
-        (call before training; planning checked already when the dataset could
-        tell its shape without loading)."""
-        shape = DataShape(tuple(data.input_shape), int(data.num_classes))
-        check_sources_fit(self.stages, shape, self.resolver, self.dataset.name)
-
-
 def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iterable[object] = (), *,
             max_epochs: int | None = None) -> PreparedRun:
-    """Load, validate and plan a recipe. ``max_epochs`` caps every stage's epochs
-    (scheme-planned stages included)."""
+    """Load a recipe, build its plugin host, and plan and check it
+    (:func:`~pyramidkd.engine.planning.prepare_run`). ``max_epochs`` caps every
+    stage's epochs (scheme-planned stages included)."""
     recipe = load_recipe(recipe_path, overrides)
     host = make_plugin_host(
         recipe.experiment.plugins,
@@ -65,35 +45,7 @@ def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iter
         local_search_path=recipe.directory,
         recipe_file=recipe.file,
     )
-    resolver = ComponentResolver(recipe, host.registries)
-    dataset = resolver.resolve("dataset", recipe.dataset)
-    loggers = [resolver.resolve("logger", raw) for raw in recipe.loggers]
-    stages = plan_recipe(recipe, resolver)
-    if max_epochs is not None:
-        if max_epochs < 1:
-            raise RecipeError(f"--max-epochs must be 1 or more, got {max_epochs}", fix="pass a positive number, e.g. --max-epochs 1")
-        stages = [attrs.evolve(s, train=attrs.evolve(s.train, epochs=min(s.train.epochs, max_epochs))) for s in stages]
-    for stage_id in recipe.reference:
-        if not any(stage.id == stage_id or stage.entry_id == stage_id for stage in stages):
-            raise RecipeError(
-                f"reference for unknown stage {stage_id!r}",
-                file=recipe.file,
-                key=f"reference.{stage_id}",
-                fix=f"use a stage id: {', '.join(s.id for s in stages)}",
-            )
-    shape = dataset.instantiate().data_shape(dataset_context(recipe))
-    if shape is not None:  # otherwise PreparedRun.check_data, once the data is loaded
-        check_sources_fit(stages, shape, resolver, dataset.name)
-    pipeline = run_pipeline(stages, dataset, recipe.file)
-    notes = shadowed_overrides(recipe, stages, max_epochs)
-    for note in notes:
-        logging.getLogger("pyramidkd").warning(note)
-    return PreparedRun(recipe, host, stages, dataset, loggers, resolver, notes, pipeline)
-
-
-def dataset_context(recipe: Recipe) -> DatasetContext:
-    cache = os.environ.get("PYRAMIDKD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pyramidkd"))
-    return DatasetContext(seed=recipe.experiment.seed, recipe_dir=recipe.directory, cache_dir=cache)
+    return prepare_run(recipe, host, max_epochs=max_epochs)
 
 
 def device_type(recipe: Recipe) -> str:
@@ -111,43 +63,6 @@ def choose_device(recipe: Recipe, world: World = World()) -> torch.device:
     """The run's device, resolved once to an index (``cuda:<current>``, under torchrun
     the local rank's): tensors report ``cuda:0``, and ``cuda:0 == cuda`` is False."""
     return resolve_device(torch.device(device_type(recipe)), world)
-
-
-@attrs.define
-class Run:
-    """What lifecycle hooks receive as ``run``."""
-
-    recipe: Recipe
-    directory: RunDirectory
-    device: torch.device
-    stages: list[StagePlan]
-    host: PluginHost
-    data: DataSplits
-    quiet: bool
-    seed: int
-    world: World = attrs.field(factory=World)
-    results: dict[str, StageResult] = attrs.field(factory=dict)
-    started: float = attrs.field(factory=time.time)
-    completed: set[str] = attrs.field(factory=set)  # stages reused from an earlier run (same fingerprint)
-    resume_stage: str | None = None  # the stage continued from its `last` checkpoint
-    resume_history: list[EpochRecord] = attrs.field(factory=list)  # its epoch records so far
-    fingerprints: dict[str, str] = attrs.field(factory=dict)  # stage id -> fingerprint of its plan
-    data_path: str = "dataloader"  # the batches' path: "tensor" or "dataloader" (engine/datapath.py)
-
-    def reference_for(self, stage: StagePlan) -> float | None:
-        """The published accuracy for a stage: by its id, or by its entry's id when
-        it is that entry's final stage."""
-        reference = self.recipe.reference
-        if stage.id in reference:
-            return reference[stage.id]
-        last_of_entry = [s.id for s in self.stages if s.entry_id == stage.entry_id][-1]
-        return reference.get(stage.entry_id) if stage.id == last_of_entry else None
-
-    def call(self, hook_name: str, on_error=None, **kwargs) -> None:
-        """Call a lifecycle hook; a plugin that raises is named (after ``on_error``
-        has saved the run state)."""
-        if self.world.is_main:  # loggers and callbacks live on rank 0 only
-            self.host.call(hook_name, on_error=on_error, run=self, **kwargs)
 
 
 def run_recipe(
@@ -269,13 +184,13 @@ def _run_locked(prepared: PreparedRun, directory: RunDirectory, device: torch.de
         log.info(note)
     with _torch_settings(prepared.recipe, device):
         return _run_stages(prepared, directory, device, world, data, quiet=quiet, recompute=recompute, stop=stop,
-                           data_path=choice.path)
+                           pipeline=choice.pipeline)
 
 
 def _run_stages(prepared: PreparedRun, directory: RunDirectory, device: torch.device, world: World, data: DataSplits, *,
-                quiet: bool, recompute: bool, stop: StopFlag, data_path: str) -> dict:
+                quiet: bool, recompute: bool, stop: StopFlag, pipeline: str) -> dict:
     recipe, host = prepared.recipe, prepared.host
-    run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed, world=world, data_path=data_path)
+    run = Run(recipe, directory, device, prepared.stages, host, data, quiet, recipe.experiment.seed, world=world, pipeline=pipeline)
     run.fingerprints = Fingerprints(prepared.stages, prepared.dataset, run.seed).by_stage
     reuse = decide_reuse(directory, prepared.stages, run.fingerprints, recompute=recompute)
     run.completed = set(reuse.reused)
@@ -313,7 +228,7 @@ def _run_stages(prepared: PreparedRun, directory: RunDirectory, device: torch.de
         time_s=round(finished - run.started, 3),  # this invocation's wall time
     )
     if world.is_main:
-        atomic_write_json(directory.file("summary.json"), summary.to_dict())
+        write_summary(directory.path, summary)
         directory.write_manifest(seed=run.seed, device=str(device), recipe_file=recipe.file, started=run.started, finished=finished,
                                  argv=command_line(), world_size=world.size)
     run.call("pyramidkd_run_end", summary=summary)

@@ -5,7 +5,9 @@ other plugin modules (and, in the example's tests, ``pyramidkd.testing``)."""
 from __future__ import annotations
 
 import ast
+import inspect
 import sys
+import typing
 from pathlib import Path
 
 import attrs
@@ -196,3 +198,104 @@ def test_model_of_a_checkpoint_reports_what_it_was_trained_on(tmp_path):
     assert model.name == "vgg" and model.params["layers"] == [4, "M"]
     assert (model.input_shape, model.num_classes) == ((3, 8, 8), 4)
     assert model.source.path == str(tmp_path / "t.pt") and model.source.key == "stages[1].scheme.reference"
+
+
+# --- the hook specifications: typed, and called in the documented order -------------
+
+
+def type_checking_names(module) -> dict:
+    """The module's names plus what its ``if TYPE_CHECKING:`` block imports (run here,
+    so a name that does not exist fails)."""
+    tree = ast.parse(inspect.getsource(module))
+    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    namespace = {**vars(module)}
+    exec(compile(ast.Module(block.body, type_ignores=[]), module.__file__, "exec"), namespace)
+    return namespace
+
+
+def test_every_hookspec_is_annotated_with_real_types():
+    from pyramidkd.engine import hookspecs
+    from pyramidkd.engine.lifecycle import Run
+    from pyramidkd.engine.records import StageResult
+
+    namespace = type_checking_names(hookspecs)
+    specs = {name: getattr(hookspecs, name) for name in dir(hookspecs) if name.startswith("pyramidkd_")}
+    assert len(specs) == 14
+    for name, spec in specs.items():
+        hints = typing.get_type_hints(spec, globalns=namespace)
+        assert set(hints) == {*inspect.signature(spec).parameters, "return"}, f"{name} is not fully annotated"
+    stage_end = typing.get_type_hints(specs["pyramidkd_stage_end"], globalns=namespace)
+    assert stage_end["run"] is Run and stage_end["result"] is StageResult and stage_end["stage"] is engine.StagePlan
+    assert typing.get_type_hints(specs["pyramidkd_register_losses"], globalns=namespace)["return"] == list[type[engine.Loss]]
+
+
+LIFECYCLE_HOOKS = ("run_start", "stage_start", "batch_end", "epoch_end", "metrics", "stage_end", "run_end")
+
+
+def recorder(calls: list):
+    """A plugin that records every lifecycle call as a short tuple."""
+
+    class Recorder:
+        @engine.hookimpl
+        def pyramidkd_run_start(self, run):
+            calls.append(("run_start",))
+
+        @engine.hookimpl
+        def pyramidkd_stage_start(self, run, stage):
+            calls.append(("stage_start", stage.id))
+
+        @engine.hookimpl
+        def pyramidkd_batch_end(self, run, stage, epoch, step, num_steps, loss):
+            calls.append(("batch_end", stage.id, epoch, step, num_steps))
+
+        @engine.hookimpl
+        def pyramidkd_epoch_end(self, run, stage, epoch, metrics):
+            calls.append(("epoch_end", stage.id, epoch, metrics.epoch))
+
+        @engine.hookimpl
+        def pyramidkd_metrics(self, run, stage, record):
+            calls.append(("metrics", stage.id, record.kind))
+
+        @engine.hookimpl
+        def pyramidkd_stage_end(self, run, stage, result):
+            calls.append(("stage_end", stage.id, result.skipped))
+
+        @engine.hookimpl
+        def pyramidkd_run_end(self, run, summary):
+            calls.append(("run_end", len(summary.stages)))
+
+    return Recorder()
+
+
+def documented_order(stages: list[str], epochs: int, steps: int, *, reused: bool = False) -> list[tuple]:
+    """The call sequence the sketch in hookspecs.py's docstring describes."""
+    calls: list[tuple] = [("run_start",)]
+    for stage in stages:
+        if reused:
+            calls.append(("stage_end", stage, True))
+            continue
+        calls.append(("stage_start", stage))
+        for epoch in range(1, epochs + 1):
+            calls += [("batch_end", stage, epoch, step, steps) for step in range(1, steps + 1)]
+            calls += [("epoch_end", stage, epoch, epoch), ("metrics", stage, "epoch")]
+        calls += [("metrics", stage, "test"), ("stage_end", stage, False)]
+    return calls + [("run_end", len(stages))]
+
+
+def test_the_lifecycle_hooks_run_in_the_documented_order(tmp_path):
+    from pyramidkd import testing
+    from pyramidkd.engine import hookspecs
+    from pyramidkd.engine.runner import run_recipe
+    from conftest import TINY_RECIPE
+
+    sketch = hookspecs.__doc__.split("::", 1)[1]
+    assert all(f"pyramidkd_{hook}(" in sketch for hook in LIFECYCLE_HOOKS)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(TINY_RECIPE)
+    for reused in (False, True):  # the second run into the folder reuses both stages
+        calls: list = []
+        with testing.autoload(False):
+            run_recipe(str(recipe), output=str(tmp_path / "run"), quiet=True, extra_plugins=[recorder(calls)])
+        steps = next(call[4] for call in calls if call[0] == "batch_end") if not reused else 0
+        assert steps > 1 or reused
+        assert calls == documented_order(["teacher", "student"], epochs=2, steps=steps, reused=reused)

@@ -50,10 +50,10 @@ def test_quickstart_run_directory(quickstart_run):
     stages = {s["stage"]: s for s in summary["stages"]}
     assert list(stages) == ["teacher", "student-scratch", "student-kd"]
     for stage in stages.values():
-        assert stage["params"] > 0 and 0 <= stage["best_val_acc"] <= 1 and 0 <= stage["test_acc"] <= 1
+        assert stage["num_parameters"] > 0 and 0 <= stage["best_val_acc"] <= 1 and 0 <= stage["test_acc"] <= 1
         assert (out / stage["checkpoint"]).is_file()
         assert (out / "checkpoints" / stage["stage"] / "last.pt").is_file()
-    assert stages["teacher"]["params"] > 10 * stages["student-kd"]["params"]
+    assert stages["teacher"]["num_parameters"] > 10 * stages["student-kd"]["num_parameters"]
     assert stages["student-kd"]["teachers"] == [{"stage": "teacher", "model": "vgg", "test_acc": stages["teacher"]["test_acc"]}]
     assert stages["student-kd"]["loss"] == "kd"
 
@@ -180,11 +180,11 @@ def test_multi_seed_run_reports_mean_and_std(write_recipe, tmp_path, cli):
     out = tmp_path / "seeds"
     result = cli("run", recipe, "--quiet", "--output", out, "--seeds", "0,1,2", "--set", "train.epochs=1")
     assert result.code == 0, result.err
-    data = json.loads((out / "seeds-summary.json").read_text())
-    assert data["seeds"] == [0, 1, 2]
-    for index, stage in enumerate(data["stages"]):
+    (cell,) = json.loads((out / "results.json").read_text())["cells"]  # the one aggregate, a sweep's
+    assert cell["seeds"] == [0, 1, 2]
+    for index, stage in enumerate(cell["stages"].values()):
         per_seed = [json.loads((out / f"seed-{s}" / "summary.json").read_text())["stages"][index]["test_acc"] for s in (0, 1, 2)]
-        assert stage["test_acc"] == per_seed
-        assert stage["test_acc_mean"] == pytest.approx(sum(per_seed) / 3)
+        assert stage["test_acc"]["values"] == per_seed
+        assert stage["test_acc"]["mean"] == pytest.approx(sum(per_seed) / 3)
     assert "test % (mean ± std)" in result.out
     assert cli("run", recipe, "--seeds", "0,0").code == 1

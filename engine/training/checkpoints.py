@@ -1,44 +1,36 @@
-"""The checkpoint file: a self-describing ``torch.save`` dict, written atomically,
-and read as data only.
+"""The checkpoint file and what goes into it: a self-describing ``torch.save``
+dict, written atomically and read as data only (:mod:`.safe_load`).
 
 Every checkpoint names its model (class name, parameters, classes, input shape), so
-a teacher or ``init_from`` file can be rebuilt without the recipe that wrote it.
-A stage's ``last`` checkpoint adds the full training state (see :mod:`.loop`).
-
-A checkpoint is data, never code: every file is read with ``torch.load(...,
-weights_only=True)``, whose unpickler builds tensors, containers and numbers and
-refuses any other Python global before anything runs. What pyramidkd writes is
-plain data (the RNG states too, see :mod:`.rng`). The one allowance is NumPy's
-uint32 array, the shape in which pyramidkd 0.1.0 stored ``np.random.get_state()``,
-so 0.1.0 checkpoints read as they are (:data:`LEGACY_GLOBALS`). A ``.safetensors``
-file (``pyramidkd save-weights``) holds tensors and JSON only (:mod:`.weights`).
+a teacher or ``init_from`` file can be rebuilt without the recipe that wrote it
+(:func:`model_checkpoint`). A stage's ``last`` checkpoint adds the full training
+state — optimiser, scheduler, loss state, :class:`~.progress.Progress`, every RNG
+state — so a resumed stage continues exactly (:func:`last_checkpoint`,
+:func:`restore_state`). A ``.safetensors`` file (``pyramidkd save-weights``) holds
+tensors and JSON only (:mod:`.weights`).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
-import pickletools
-import re
 from typing import Any
 
 import attrs
 import torch
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..components import DataSplits, StagePlan
+from ..deploy.preprocessing import describe_preprocessing
+from ..errors import CheckpointError
+from ..records import EpochRecord
 from ..rundir import atomic_write_bytes
+from .models import load_state
+from .progress import Progress
+from .rng import restore_rng_states, rng_states
+from .safe_load import read_data_only
 
 CHECKPOINT_FORMAT = "pyramidkd-checkpoint"
 SAFETENSORS_SUFFIX = ".safetensors"
-WEIGHTS_ONLY_FAILURE = "Weights only load failed"
-# Never allowed, not even with --trust: no checkpoint needs them, and they are how
-# a pickle payload runs a command (a module prefix, or one builtin).
-NEVER_TRUSTED_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pickle",
-                         "_pickle", "marshal", "code", "codeop", "pty", "ctypes", "multiprocessing", "webbrowser", "http",
-                         "urllib", "pydoc", "timeit", "platform")
-NEVER_TRUSTED_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "input",
-                          "breakpoint", "globals", "locals", "vars", "exit", "quit", "help"}
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
@@ -62,27 +54,6 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def read_data_only(path: str, extra_globals: list | None = None) -> Any:
-    """``torch.load`` weights-only (plus the 0.1.0 NumPy allowance and ``extra_globals``)."""
-    try:
-        with torch.serialization.safe_globals(legacy_globals() + list(extra_globals or [])):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        if WEIGHTS_ONLY_FAILURE in message and (_asks_for_objects(message) or unsafe_globals(path)):
-            refused = refusal(path, error)
-            refused.torch_message = message  # what convert-checkpoint --trust reads the next global from
-            raise refused from None
-        raise _corrupt(path, error) from error  # not a pickle torch can read: garbage or truncated
-    except Exception as error:  # torch raises many types for truncated/corrupt files
-        raise _corrupt(path, error) from error
-
-
-def _asks_for_objects(message: str) -> bool:
-    """torch refused a global or a class to build (not an unreadable byte)."""
-    return "GLOBAL" in message or "Can only build" in message or "allowed global" in message
-
-
 def check_checkpoint(checkpoint: Any, path: str) -> None:
     """A pyramidkd checkpoint: the format mark, a model description and a state dict."""
     model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
@@ -97,119 +68,9 @@ def check_checkpoint(checkpoint: Any, path: str) -> None:
         )
 
 
-def legacy_globals() -> list:
-    """What a 0.1.0 ``last.pt`` needs beyond plain data: NumPy's uint32 array (its
-    ``np.random.get_state()``), under both module paths NumPy has used."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    allowed: list = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct"),
-                     np.ndarray, np.dtype]
-    if hasattr(np, "dtypes"):  # numpy >= 1.25 builds the dtype from its class
-        allowed.append(np.dtypes.UInt32DType)
-    return allowed
-
-
-def unsafe_globals(path: str, error: BaseException | None = None) -> list[str]:
-    """The Python globals (``module.name``) a checkpoint asks for beyond what a
-    weights-only load allows, found without running anything: a static read of the
-    file's pickle opcodes (as ``torch.serialization.get_unsafe_globals_in_checkpoint``
-    does for ``torch.save`` zip files), else torch's refusal message."""
-    try:
-        with torch.serialization.safe_globals(legacy_globals()):
-            found = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a zip file: an old-style torch file or a bare pickle
-        found = sorted(_pickle_globals(path) - _allowed_global_names())
-    if not found and error is not None:
-        found = re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
-    return found
-
-
-def _pickle_globals(path: str, limit: int = 8) -> set[str]:
-    """Every GLOBAL / STACK_GLOBAL named by the (up to ``limit`` concatenated)
-    pickles of a file, read with :mod:`pickletools` (which never runs them)."""
-    names: set[str] = set()
-    try:
-        with open(path, "rb") as handle:
-            for _ in range(limit):
-                strings: list[str] = []
-                for opcode, arg, _position in pickletools.genops(handle):
-                    if opcode.name == "GLOBAL":
-                        names.add(_python3_name(*str(arg).split(" ", 1)))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        names.add(_python3_name(strings[-2], strings[-1]))
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-                if not handle.peek(1):  # the end of the file
-                    break
-    except Exception:  # the rest of the file is tensor bytes, or not a pickle at all
-        pass
-    return names
-
-
-def _python3_name(module: str, name: str) -> str:
-    """``__builtin__ exec`` (protocol 2) as the unpickler resolves it: ``builtins.exec``."""
-    import _compat_pickle
-
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
-
-
-def _allowed_global_names() -> set[str]:
-    try:
-        from torch import _weights_only_unpickler
-
-        return set(_weights_only_unpickler._get_allowed_globals()) | set(_weights_only_unpickler._get_user_allowed_globals())
-    except Exception:  # private API moved: report every global named
-        return set()
-
-
-def refusal(path: str, error: BaseException | None = None) -> UnsafeCheckpointError:
-    names = unsafe_globals(path, error)
-    if names:
-        what = f"it asks for the Python global{'s' if len(names) > 1 else ''} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-    else:
-        detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if error is not None else ""
-        what = f"it needs Python objects beyond tensors and plain data ({detail})"
-    if any(never_trusted(name) for name in names):
-        fix = "delete it: a file that asks for this is a program, not a checkpoint; ask for a .safetensors file instead"
-    else:
-        fix = (f"if you trust where it comes from, rewrite it as plain data: pyramidkd convert-checkpoint {path} --trust "
-               "(or ask its author for a .safetensors file from `pyramidkd save-weights`)")
-    return UnsafeCheckpointError(
-        f"refused: {what}; a checkpoint is read as data only, and this one would run code or build objects while loading",
-        file=path, fix=fix)
-
-
-def never_trusted(name: str) -> bool:
-    """A global only a program asks for (``builtins.exec``, ``os.system``, ...)."""
-    module, _, attribute = name.rpartition(".")
-    if module in ("builtins", "__builtin__"):
-        return attribute in NEVER_TRUSTED_BUILTINS
-    return any(module == m or module.startswith(m + ".") for m in NEVER_TRUSTED_MODULES)
-
-
-def _corrupt(path: str, error: BaseException) -> CheckpointError:
-    text = str(error)
-    if WEIGHTS_ONLY_FAILURE in text:  # torch's advice (load it unrestricted) is not ours: its reason only
-        text = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else "not a pickle torch reads"
-    first = text.splitlines()[0] if text else ""
-    return CheckpointError(
-        f"cannot read the checkpoint ({type(error).__name__}: {first}); the file is corrupt or truncated",
-        file=path,
-        fix="delete it and re-run the stage that writes it (pyramidkd run ... --force)",
-    )
-
-
-def model_checkpoint(stage, data, state: dict[str, torch.Tensor], *, epoch: int, val_acc: float) -> dict[str, Any]:
-    """The part every checkpoint holds: the model's description and weights.
-
-    ``stage`` is the :class:`~pyramidkd.engine.components.StagePlan`, ``data`` the
-    run's :class:`~pyramidkd.engine.components.DataSplits`.
-    """
+def model_checkpoint(stage: StagePlan, data: DataSplits, state: dict[str, torch.Tensor], *, epoch: int,
+                     val_acc: float) -> dict[str, Any]:
+    """The part every checkpoint holds: the model's description and weights."""
     return {
         "model": {
             "name": stage.model.name,
@@ -222,4 +83,64 @@ def model_checkpoint(stage, data, state: dict[str, torch.Tensor], *, epoch: int,
         "epoch": epoch,
         "val_acc": val_acc,
         "class_names": [str(name) for name in getattr(data, "class_names", None) or []],
+        "preprocessing": describe_preprocessing(data),  # how raw images become inputs (engine/deploy)
     }
+
+
+# --- a stage's `last` checkpoint: the training state ------------------------------
+
+
+def last_checkpoint(run, stage: StagePlan, state, progress: Progress, *, elapsed_s: float, fingerprint: str | None,
+                    cuda_ranks: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """The ``last`` checkpoint: the model plus all a resumed stage needs to continue exactly.
+    ``run`` is the :class:`~pyramidkd.engine.lifecycle.Run`, ``state`` the stage's
+    :class:`~.state.StageState` (which imports this module: so not named here);
+    ``cuda_ranks``: every rank's CUDA generator state, see :func:`.rng.rng_states`."""
+    checkpoint = model_checkpoint(stage, run.data, state.student.state_dict(), epoch=progress.epoch, val_acc=progress.best_val_acc)
+    checkpoint.update(
+        {
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+            "grad_scaler": state.scaler.state_dict(),
+            "loss_state": state.loss_fn.state_dict(),
+            "progress": _progress_record(progress),
+            "rng": rng_states(state.generator, cuda_ranks),
+            "elapsed_s": elapsed_s,
+            "level": stage.info.get("level"),
+            "recipe_stage": stage.entry_id,
+            "fingerprint": fingerprint,
+            "pipeline": getattr(run, "pipeline", None),  # resuming on the other pipeline is not exact
+        }
+    )
+    return checkpoint
+
+
+def restore_state(state, checkpoint: dict, path: str, best_path: str, rank: int = 0) -> Progress:
+    """Load a ``last`` checkpoint into ``state`` (the :class:`~.state.StageState`, RNG
+    states included); return its progress."""
+    load_state(state.student, checkpoint["state_dict"], path)
+    try:
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scheduler is not None and checkpoint.get("scheduler") is not None:
+            state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.loss_fn.load_state_dict(checkpoint.get("loss_state", {}))
+        if checkpoint.get("grad_scaler"):
+            state.scaler.load_state_dict(checkpoint["grad_scaler"])
+        progress = saved_progress(checkpoint)
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"cannot resume from this checkpoint: {error}", file=path, fix="re-run with --force to start over") from error
+    restore_rng_states(checkpoint["rng"], state.generator, rank)
+    if progress.best_epoch:
+        state.best_state = load_checkpoint(best_path)["state_dict"]
+    return progress
+
+
+def saved_progress(checkpoint: dict) -> Progress:
+    """Where the stage of a ``last`` checkpoint stood."""
+    data = checkpoint["progress"]
+    return Progress(**{**data, "history": [EpochRecord.from_dict(record) for record in data["history"]]})
+
+
+def _progress_record(progress: Progress) -> dict[str, Any]:
+    # records as plain dicts: a checkpoint must not depend on class paths
+    return {**attrs.asdict(progress, recurse=False), "history": [record.to_dict() for record in progress.history]}

@@ -16,7 +16,7 @@ import attrs
 from ..components import StagePlan
 from ..errors import RunDirectoryError
 from ..records import EpochRecord, StageResult
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, saved_progress
 from .fingerprint import change_reason
 
 log = logging.getLogger("pyramidkd")
@@ -34,7 +34,7 @@ class ReuseDecision:
     def resume_history(self) -> list[EpochRecord]:
         if self.resume_checkpoint is None:
             return []
-        return [EpochRecord.from_dict(record) for record in self.resume_checkpoint["progress"]["history"]]
+        return saved_progress(self.resume_checkpoint).history
 
     def messages(self) -> list[str]:
         """One line for the recomputed stages, one for a resumed stage."""
@@ -44,8 +44,8 @@ class ReuseDecision:
             listed = "; ".join(f"{stage} ({why})" for stage, why in changed.items())
             lines.append(f"recomputing {len(changed)} stage(s) whose inputs changed: {listed}")
         if self.resume_stage is not None:
-            progress = self.resume_checkpoint["progress"]
-            epoch, step = progress["epoch"] + 1, progress["step"]
+            progress = saved_progress(self.resume_checkpoint)
+            epoch, step = progress.epoch + 1, progress.step
             reused = ", ".join(self.reused) or "none"
             if epoch > self.resume_epochs:
                 what = f"finishing stage {self.resume_stage!r} (all {self.resume_epochs} epoch(s) were done; testing its best checkpoint)"

@@ -17,9 +17,9 @@ import torch
 
 from ..errors import CheckpointError, RunDirectoryError, UnsafeCheckpointError
 from ..rundir import RECIPE_FILE, RunDirectory
-from .checkpoints import (SAFETENSORS_SUFFIX, check_checkpoint, load_checkpoint, never_trusted, read_data_only, refusal,
-                          save_checkpoint, unsafe_globals)
+from .checkpoints import SAFETENSORS_SUFFIX, check_checkpoint, load_checkpoint, save_checkpoint
 from .rng import plain_rng_states
+from .safe_load import never_trusted, read_data_only, refusal, unsafe_globals
 from .weights import weights_description, write_weights
 
 WEIGHTS_FOLDER = "weights"
@@ -88,6 +88,7 @@ def run_preprocessing(directory: RunDirectory, checkpoint: dict) -> dict[str, An
             info.update({"mean": [float(v) for v in stats[0]], "std": [float(v) for v in stats[1]]})
     if checkpoint.get("class_names"):
         info["class_names"] = list(checkpoint["class_names"])
+    info.update(checkpoint.get("preprocessing") or {})  # what the run recorded beats what the recipe implies
     return info
 
 

@@ -1,9 +1,10 @@
-"""Everything a stage trains on, built in one place (:func:`build_stage_state`),
-and where training stands (:class:`Progress`); both saved in ``last`` and restored."""
+"""Everything a stage trains on, built in one place (:func:`build_stage_state`):
+the student, its frozen teachers, the loss, the optimiser, the scheduler and the
+data order's generator. Where training stands is :class:`~.progress.Progress`;
+saving both in ``last`` and restoring them is :mod:`.checkpoints`' work."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
@@ -12,44 +13,12 @@ from torch import nn
 
 from ..components import Loss, ModelOutput, ModelSource, StageOutput, StagePlan
 from ..distributed import sync_batchnorm
-from ..errors import CheckpointError, RecipeError
-from ..records import EpochRecord
-from .checkpoints import load_checkpoint, model_checkpoint
-from .models import build_model, inherit_weights, load_state, model_from_checkpoint
+from ..errors import RecipeError
+from .checkpoints import load_checkpoint
+from .models import build_model, inherit_weights, model_from_checkpoint
 from .optim import make_optimizer, make_scheduler
-from .rng import restore_rng_states, rng_states, seed_everything, stage_seed
+from .rng import seed_everything, stage_seed
 from .taps import TapRecorder
-
-
-@attrs.define
-class Progress:
-    """Where a stage stands; saved in ``last`` and restored on resume."""
-
-    epoch: int = 0  # last epoch completely done
-    step: int = 0  # steps done in epoch+1 (mid-epoch save), 0 at an epoch boundary
-    best_score: float = -math.inf
-    best_epoch: int = 0
-    best_val_acc: float = 0.0
-    history: list[EpochRecord] = attrs.field(factory=list)  # this stage's epoch records
-    skipped_batches: int = 0
-    # mid-epoch only: running sums and the loader state the epoch started from
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    epoch_loader_state: torch.Tensor | None = None
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        # records as plain dicts: a checkpoint must not depend on class paths
-        return {**attrs.asdict(self, recurse=False), "history": [record.to_dict() for record in self.history]}
-
-    @classmethod
-    def from_checkpoint(cls, data: dict[str, Any]) -> "Progress":
-        return cls(**{**data, "history": [EpochRecord.from_dict(record) for record in data["history"]]})
-
-    def end_epoch(self, epoch: int) -> None:
-        """An epoch is complete: the position moves to its end, running sums reset."""
-        self.epoch, self.step, self.skipped_batches = epoch, 0, 0
-        self.loss_sum, self.correct, self.seen, self.epoch_loader_state = 0.0, 0, 0, None
 
 
 @attrs.define(eq=False)
@@ -222,47 +191,3 @@ def _trainable_parameters(student: nn.Module, loss_fn: Loss, stage: StagePlan) -
         raise RecipeError(f"stage {stage.id!r} has no trainable parameters", fix="check the scheme's trainable layers")
     return trainable
 
-
-# --- saving and restoring --------------------------------------------------------
-
-
-def last_checkpoint(run, stage: StagePlan, state: StageState, progress: Progress, *, elapsed_s: float,
-                    fingerprint: str | None, cuda_ranks: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """The ``last`` checkpoint: the model plus all a resumed stage needs to continue exactly
-    (``cuda_ranks``: every rank's CUDA generator state, see :func:`.rng.rng_states`)."""
-    checkpoint = model_checkpoint(stage, run.data, state.student.state_dict(), epoch=progress.epoch, val_acc=progress.best_val_acc)
-    checkpoint.update(
-        {
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-            "grad_scaler": state.scaler.state_dict(),
-            "loss_state": state.loss_fn.state_dict(),
-            "progress": progress.to_checkpoint(),
-            "rng": rng_states(state.generator, cuda_ranks),
-            "elapsed_s": elapsed_s,
-            "level": stage.info.get("level"),
-            "recipe_stage": stage.entry_id,
-            "fingerprint": fingerprint,
-            "data_path": getattr(run, "data_path", None),  # resuming on the other path is not exact
-        }
-    )
-    return checkpoint
-
-
-def restore_state(state: StageState, checkpoint: dict, path: str, best_path: str, rank: int = 0) -> Progress:
-    """Load a ``last`` checkpoint into ``state`` (RNG states included); return its progress."""
-    load_state(state.student, checkpoint["state_dict"], path)
-    try:
-        state.optimizer.load_state_dict(checkpoint["optimizer"])
-        if state.scheduler is not None and checkpoint.get("scheduler") is not None:
-            state.scheduler.load_state_dict(checkpoint["scheduler"])
-        state.loss_fn.load_state_dict(checkpoint.get("loss_state", {}))
-        if checkpoint.get("grad_scaler"):
-            state.scaler.load_state_dict(checkpoint["grad_scaler"])
-        progress = Progress.from_checkpoint(checkpoint["progress"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(f"cannot resume from this checkpoint: {error}", file=path, fix="re-run with --force to start over") from error
-    restore_rng_states(checkpoint["rng"], state.generator, rank)
-    if progress.best_epoch:
-        state.best_state = load_checkpoint(best_path)["state_dict"]
-    return progress
