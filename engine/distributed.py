@@ -3,11 +3,10 @@
 The same recipe runs unchanged under ``torchrun --nproc_per_node=N -m pyramidkd run``:
 ``train.batch_size`` stays the *global* batch. Each global batch is drawn exactly
 as in a single-process run (one permutation per epoch from the stage's seeded
-generator) and split across ranks — by :class:`GlobalBatchSampler` on the
-``DataLoader`` path, by :class:`~pyramidkd.engine.training.loaders.TensorBatches`
-(same order, same shares) on the tensor path — and every rank's loss is weighted by its share
-of the batch, so the averaged gradient equals the single-process one up to float
-summation order.
+generator) and split across ranks, on either pipeline, as
+:class:`~pyramidkd.engine.data.plan.BatchPlan` says; every rank's loss is weighted
+by its share of the batch (the same plan), so the averaged gradient equals the
+single-process one up to float summation order.
 
 Two things make that hold beyond the plain student: every trainable parameter of
 the loss (a FitNet regressor, a connector) is reduced with the student's (the DDP
@@ -136,57 +135,10 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
 
 
-def shard_range(count: int, world: World) -> tuple[int, int]:
-    """This rank's contiguous part ``[start, stop)`` of ``count`` items (sizes differ by at most one)."""
-    base, extra = divmod(count, world.size)
-    start = world.rank * base + min(world.rank, extra)
-    return start, start + base + (1 if world.rank < extra else 0)
-
-
-def shard(items: list, world: World) -> list:
-    """This rank's contiguous part of ``items`` (sizes differ by at most one)."""
-    start, stop = shard_range(len(items), world)
-    return items[start:stop]
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Shuffled global batches, each split across ranks (a batch sampler).
-
-    Like ``DistributedSampler`` it shards every epoch's data over the ranks and
-    has ``set_epoch``; unlike it, the global batches are those of a
-    single-process run with the same seed, and nothing is padded or dropped.
-    Each yielded batch carries ``global_size`` for loss weighting.
-    """
-
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator, world: World):
-        self.size, self.batch_size, self.generator, self.world = size, batch_size, generator, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        # The permutation comes from the stage's generator (saved in checkpoints),
-        # so the epoch number only documents the position.
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return (self.size + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=self.generator).tolist()
-        for start in range(0, self.size, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            if len(batch) < self.world.size:  # a tail too small to give every rank a sample
-                break
-            yield shard(batch, self.world)
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """This rank's contiguous shard of an evaluation split (no shuffling)."""
-
-    def __init__(self, size: int, world: World):
-        self.indices = shard(list(range(size)), world)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
+def resolve_device(device: torch.device | str, world: World = World()) -> torch.device:
+    """``device`` with its index, so that it compares equal to a tensor's ``.device``:
+    ``cuda`` -> ``cuda:<local rank>`` under torchrun, else ``cuda:<current device>``."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", world.local_rank if world.distributed else torch.cuda.current_device())

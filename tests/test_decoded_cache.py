@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pyramidkd.engine import DatasetContext, cached_tensors, decode_images
-from pyramidkd.engine import decoded as decoded_module
+from pyramidkd.engine.data import decoded_cache as decoded_module
 from pyramidkd.plugins.datasets import imagefolder as imagefolder_module
 from pyramidkd.plugins.datasets import vision
 from pyramidkd.plugins.datasets.imagefolder import ImageFolder, ImageFolderParams

@@ -205,12 +205,29 @@ def test_speed_switches_run_end_to_end(switches, tmp_path, cli):
 
 
 @pytest.mark.slow  # inductor compiles each graph on 2 cores: about a minute
-def test_compile_switch(tmp_path, cli):
+def test_compile_switch(tmp_path, cli, monkeypatch):
+    """``train.compile = true`` runs the student's and the teachers' forward through
+    torch.compile, and the run trains through the compiled graphs."""
+    import torch
+
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     recipe = tmp_path / "r.toml"
     recipe.write_text(DDP_RECIPE)
     result = cli("run", recipe, "--quiet", "--output", tmp_path / "out", "--set", "train.epochs=1", "--set", "train.compile=true",
                  "--set", "dataset.train_size=64")
     assert result.code == 0, result.err
+    # teacher stage: its student; student stage: its student and its one teacher
+    assert len(compiled) == 3 and all(name != "function" for name in compiled), compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo captured and compiled the forward
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

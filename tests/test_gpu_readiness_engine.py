@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pyramidkd import testing
+from pyramidkd.engine import Augmentation, TensorSplit
+from pyramidkd.engine.data.batches import TensorBatches
 from pyramidkd.engine.distributed import World
-from pyramidkd.engine.tensordata import Augmentation, TensorSplit
-from pyramidkd.engine.training.loaders import TensorBatches
 
 # A test-only plugin: a data set with one out-of-range label in a chosen split (on
 # both data paths), and a loss that fails like an op without a deterministic kernel.
@@ -154,10 +154,10 @@ STAGE_LOSS_WORKER = '''
 import datetime, json, sys, types
 import torch, torch.distributed as dist
 from torch import nn
+from pyramidkd.engine import TensorSplit
+from pyramidkd.engine.data.batches import TensorBatches
 from pyramidkd.engine.distributed import World
-from pyramidkd.engine.tensordata import TensorSplit
 from pyramidkd.engine.training.evaluate import stage_loss
-from pyramidkd.engine.training.loaders import TensorBatches
 from pyramidkd.engine.training.taps import TapRecorder
 
 rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -289,7 +289,7 @@ def test_an_out_of_range_label_is_a_clear_error_before_training(pipeline, bad, h
 
 
 def test_labels_are_read_without_decoding_images():
-    from pyramidkd.engine.datapath import split_labels
+    from pyramidkd.engine.data.pipeline import split_labels
 
     labels = torch.tensor([3, 1, 2, 0])
     dataset = torch.utils.data.TensorDataset(torch.zeros(4, 1), labels)

@@ -1,5 +1,5 @@
-"""The tensor pipeline (engine/tensordata.py, engine/training/loaders.py,
-engine/datapath.py): the augmentation's distribution, batches, DDP shares, exact
+"""The tensor pipeline (engine/data/: splits.py, augmentation.py, plan.py, batches.py,
+pipeline.py): the augmentation's distribution, batches, DDP shares, exact
 resume, the ``pipeline`` switch and its one-line note, and accuracy parity with the
 ``DataLoader`` path on a small real set."""
 
@@ -18,9 +18,11 @@ from scipy import stats
 from torchvision import transforms as T
 
 from pyramidkd.engine import Augmentation, TensorSplit
-from pyramidkd.engine.distributed import GlobalBatchSampler, World
-from pyramidkd.engine.tensordata import augment, draw_augmentation, normalize
-from pyramidkd.engine.training.loaders import TensorBatches
+from pyramidkd.engine.data.augmentation import augment, draw_augmentation
+from pyramidkd.engine.data.batches import GlobalBatchSampler, PlanSampler, TensorBatches
+from pyramidkd.engine.data.plan import BatchPlan
+from pyramidkd.engine.data.splits import normalize
+from pyramidkd.engine.distributed import World
 
 # A test-only plugin: scikit-learn's digits as uint8 RGB images, offered both ways —
 # `load` gives PIL images through torchvision's RandomCrop/RandomHorizontalFlip/
@@ -307,11 +309,53 @@ def test_evaluation_batches_are_the_normalised_split_in_order():
     assert torch.equal(images, torch.stack([split[i][0] for i in range(len(split))]))
 
 
+
+def indexed_split(count: int) -> TensorSplit:
+    """Labels 0..count-1: a batch's labels are its sample indices."""
+    return TensorSplit(torch.zeros(count, 1, 2, 2, dtype=torch.uint8), torch.arange(count))
+
+
+@pytest.mark.parametrize("count, world_size, kept_steps", [(37, 3, 5), (33, 3, 4), (33, 1, 5)])
+def test_both_pipelines_and_the_loss_weight_ask_one_batch_plan(count, world_size, kept_steps):
+    """8 per global batch: 37 leaves a tail of 5 (kept), 33 a tail of 1, dropped under 3
+    ranks (one rank would get nothing) and kept in one process. The DataLoader sampler
+    and the tensor batches cut the same shares, and the loss weights undo the shares."""
+    split = indexed_split(count)
+    plan = BatchPlan(count, 8, World(0, world_size), shuffle=True)
+    assert plan.steps_per_epoch == 5  # as len() of a DataLoader: the tail counts, kept or not
+    per_rank = []
+    for rank in range(world_size):
+        world = World(rank, world_size)
+        sampler = list(GlobalBatchSampler(count, 8, torch.Generator().manual_seed(3), world))
+        tensors = [targets.tolist() for _, targets in train_batches(split, world, seed=3, batch_size=8).epoch()]
+        assert sampler == tensors and len(tensors) == kept_steps
+        per_rank.append(tensors)
+    order = plan.epoch_order(torch.Generator().manual_seed(3)).tolist()
+    for step in range(1, kept_steps + 1):
+        shares = [ranks[step - 1] for ranks in per_rank]
+        assert sum(shares, []) == order[(step - 1) * 8 : step * 8]  # the single-process global batch
+        assert sum(len(share) for share in shares) == plan.global_batch_size(step)
+        sums = [float(sum(share)) for share in shares]  # a stand-in per-sample loss: the index
+        averaged = sum(BatchPlan(count, 8, World(r, world_size), shuffle=True).loss_weight(step, len(shares[r])) * sums[r] / len(shares[r])
+                       for r in range(world_size)) / world_size  # what DDP's gradient average does
+        assert averaged == pytest.approx(sum(sums) / plan.global_batch_size(step))
+
+
+def test_evaluation_shards_are_the_same_on_both_pipelines():
+    split = indexed_split(23)
+    for rank in range(3):
+        world = World(rank, 3)
+        sampler = list(PlanSampler(BatchPlan(23, 4, world)))
+        tensors = [targets.tolist() for _, targets in TensorBatches(split, 4, world, torch.device("cpu"))]
+        assert sampler == tensors and len(sampler) == BatchPlan(23, 4, world).steps_per_epoch
+    shards = [sum((targets.tolist() for _, targets in TensorBatches(split, 4, World(rank, 3), "cpu")), []) for rank in range(3)]
+    assert sum(shards, []) == list(range(23)) and [len(shard) for shard in shards] == [8, 8, 7]
+
 @pytest.mark.parametrize("free_gpu, on_gpu", [(10**9, True), (6000, False)])
 def test_tensors_go_to_the_gpu_when_they_fit_half_its_free_memory(free_gpu, on_gpu, monkeypatch):
     """The placement rule without a GPU: free memory and the copy are stand-ins."""
     from pyramidkd.engine import DataSplits
-    from pyramidkd.engine.datapath import place
+    from pyramidkd.engine.data.pipeline import place
 
     moved = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gpu, 2 * free_gpu))

@@ -1,11 +1,13 @@
-"""Batches of a stage: global batches split over ranks for training, shards for
-evaluation (:mod:`pyramidkd.engine.distributed`), on either data path:
+"""The batches a stage iterates, on either pipeline, cut as the stage's
+:class:`~.plan.BatchPlan` says (global batches split over ranks for training, a
+shard per rank for evaluation):
 
-* :class:`TensorBatches` — the tensor pipeline: a :class:`~pyramidkd.engine.tensordata.TensorSplit`
+* :class:`TensorBatches` — the tensor pipeline: a :class:`~.splits.TensorSplit`
   gathered by index, augmented and normalised as whole batches on the training device;
-* :class:`LoaderBatches` — the ``DataLoader`` pipeline: per-sample datasets and transforms.
+* :class:`LoaderBatches` — the ``DataLoader`` pipeline: per-sample datasets and
+  transforms, indices from a :class:`PlanSampler`.
 
-Both give the loop the same training interface: ``len`` (steps per epoch),
+Both give the loop the same training interface: ``plan``, ``len`` (steps per epoch),
 ``set_epoch`` and ``epoch(skip)``, which draws the epoch's order (and, for tensors,
 its augmentation) from the stage's generator at once and returns the batches after
 the first ``skip`` — so a resumed epoch that resets the generator to the epoch's
@@ -20,28 +22,21 @@ from typing import Iterator
 
 import torch
 
-from ..distributed import GlobalBatchSampler, ShardSampler, World, shard_range
-from ..tensordata import Augmentation, BatchAugmenter, Normalizer, TensorSplit, draw_augmentation
+from ..distributed import World, resolve_device
+from .augmentation import Augmentation, BatchAugmenter, draw_augmentation
+from .plan import BatchPlan
+from .splits import Normalizer, TensorSplit
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def resolve_device(device: torch.device | str, world: World = World()) -> torch.device:
-    """``device`` with its index, so that it compares equal to a tensor's ``.device``:
-    ``cuda`` -> ``cuda:<local rank>`` under torchrun, else ``cuda:<current device>``."""
-    device = torch.device(device)
-    if device.type != "cuda" or device.index is not None:
-        return device
-    return torch.device("cuda", world.local_rank if world.distributed else torch.cuda.current_device())
 
 
 def make_loader(dataset, settings, world: World, device: torch.device, *, train: bool,
                 generator: torch.Generator | None = None, augmentation: Augmentation | None = None):
     """``settings`` is the stage's ``TrainSection``; ``generator`` shuffles (training
     only); ``augmentation`` applies to tensor training batches. A ``TensorSplit``
-    takes the tensor path unless the stage says ``pipeline = "dataloader"``."""
+    takes the tensor pipeline unless the stage says ``pipeline = "dataloader"``."""
+    batch_size = settings.batch_size if train else settings.eval_batch_size
     if isinstance(dataset, TensorSplit) and settings.pipeline != "dataloader":
-        batch_size = settings.batch_size if train else settings.eval_batch_size
         return TensorBatches(dataset, batch_size, world, device, generator=generator if train else None,
                              augmentation=augmentation if train else None)
     workers = settings.num_workers
@@ -52,9 +47,44 @@ def make_loader(dataset, settings, world: World, device: torch.device, *, train:
         prefetch_factor=settings.prefetch_factor if workers > 0 else None,
     )
     if train:
-        sampler = GlobalBatchSampler(len(dataset), settings.batch_size, generator, world)
+        sampler = GlobalBatchSampler(len(dataset), batch_size, generator, world)
         return LoaderBatches(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=generator, **options))
-    return torch.utils.data.DataLoader(dataset, batch_size=settings.eval_batch_size, sampler=ShardSampler(len(dataset), world), **options)
+    sampler = PlanSampler(BatchPlan(len(dataset), batch_size, world))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **options)
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """A ``DataLoader`` batch sampler: this rank's indices of every batch of ``plan``
+    (training: of the epoch's order, drawn from ``generator`` when iteration starts)."""
+
+    def __init__(self, plan: BatchPlan, generator: torch.Generator | None = None):
+        self.plan, self.generator = plan, generator
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # The order comes from the stage's generator (saved in checkpoints),
+        # so the epoch number only documents the position.
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.plan.epoch_order(self.generator)
+        indices = order.tolist() if order is not None else range(self.plan.size)
+        for first, last in self.plan.rank_slices():
+            yield list(indices[first:last])
+
+
+class GlobalBatchSampler(PlanSampler):
+    """The training sampler: shuffled global batches, each split across ranks.
+
+    Like ``DistributedSampler`` it shards every epoch's data over the ranks and has
+    ``set_epoch``; unlike it, the global batches are those of a single-process run
+    with the same seed, and nothing is padded (see :class:`~.plan.BatchPlan`)."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator, world: World):
+        super().__init__(BatchPlan(size, batch_size, world, shuffle=True), generator)
 
 
 class LoaderBatches:
@@ -62,9 +92,10 @@ class LoaderBatches:
 
     def __init__(self, loader: torch.utils.data.DataLoader):
         self.loader = loader
+        self.plan: BatchPlan = loader.batch_sampler.plan
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.batch_sampler.set_epoch(epoch)
@@ -81,20 +112,21 @@ class LoaderBatches:
 
 
 class TensorBatches:
-    """Batches of a :class:`TensorSplit` made with tensor ops.
+    """Batches of a :class:`~.splits.TensorSplit` made with tensor ops.
 
-    Training (``generator`` given): each epoch one permutation, then the crop
-    offsets and flips of the whole epoch, both from ``generator``; the global
-    batches are those of :class:`GlobalBatchSampler` (each rank takes its
-    contiguous share, a tail smaller than the world is dropped). Evaluation: this
-    rank's contiguous shard in order, no augmentation. Images held on the CPU
-    while training on CUDA are gathered there and each batch is copied over
-    (pinned, asynchronously) before it is augmented on the device.
+    Training (``generator`` given): each epoch the plan's order, then the crop
+    offsets and flips of the whole epoch, all from ``generator``; each rank takes
+    its share of the plan's global batches, as the ``DataLoader`` pipeline's
+    :class:`GlobalBatchSampler` does. Evaluation: this rank's shard in order, no
+    augmentation. Images held on the CPU while training on CUDA are gathered there
+    and each batch is copied over (pinned, asynchronously) before it is augmented
+    on the device.
     """
 
     def __init__(self, split: TensorSplit, batch_size: int, world: World, device: torch.device, *,
                  generator: torch.Generator | None = None, augmentation: Augmentation | None = None):
-        self.split, self.batch_size, self.world, self.device = split, batch_size, world, resolve_device(device, world)
+        self.split, self.device = split, resolve_device(device, world)
+        self.plan = BatchPlan(len(split), batch_size, world, shuffle=generator is not None)
         self.generator = generator
         self.augmentation = augmentation if generator is not None and augmentation is not None and augmentation.active else None
         self.normalizer = Normalizer(split.mean, split.std, self.device)
@@ -108,13 +140,10 @@ class TensorBatches:
 
     @property
     def training(self) -> bool:
-        return self.generator is not None
+        return self.plan.shuffle
 
     def __len__(self) -> int:
-        if self.training:  # as GlobalBatchSampler
-            return (len(self.split) + self.batch_size - 1) // self.batch_size
-        start, stop = shard_range(len(self.split), self.world)
-        return (stop - start + self.batch_size - 1) // self.batch_size
+        return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         # The order comes from the generator (saved in checkpoints); the number only documents the position.
@@ -127,23 +156,16 @@ class TensorBatches:
         """The epoch's batches after the first ``skip``; the random draws happen now."""
         if not self.training:
             return self._evaluation_batches()
-        size = len(self.split)
-        order = torch.randperm(size, generator=self.generator)
+        order = self.plan.epoch_order(self.generator)
         offsets = flips = None
         # Host-to-device copies once per epoch (the order, the augmentation), not per batch.
         if self.augmentation is not None:
-            offsets, flips = draw_augmentation(size, self.augmentation, self.generator)
+            offsets, flips = draw_augmentation(len(self.split), self.augmentation, self.generator)
             offsets, flips = offsets.to(self.device), flips.to(self.device)
         return self._training_batches(order.to(self.split.images.device), offsets, flips, skip)  # sync point, once an epoch
 
     def _training_batches(self, order: torch.Tensor, offsets, flips, skip: int) -> Iterator[Batch]:
-        size = len(self.split)
-        for start in range(skip * self.batch_size, size, self.batch_size):
-            stop = min(start + self.batch_size, size)
-            if stop - start < self.world.size:  # a tail too small to give every rank a sample
-                break
-            first, last = shard_range(stop - start, self.world)
-            first, last = start + first, start + last
+        for first, last in self.plan.rank_slices(skip):
             indices = order[first:last]
             images = self._to_device(self.split.images.index_select(0, indices))
             labels = self._to_device(self.labels.index_select(0, indices))
@@ -152,9 +174,7 @@ class TensorBatches:
             yield self.normalizer(images), labels
 
     def _evaluation_batches(self) -> Iterator[Batch]:
-        start, stop = shard_range(len(self.split), self.world)
-        for first in range(start, stop, self.batch_size):
-            last = min(first + self.batch_size, stop)
+        for first, last in self.plan.rank_slices():
             images = self._to_device(self.split.images[first:last])
             yield self.normalizer(images), self._to_device(self.labels[first:last])
 

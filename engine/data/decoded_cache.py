@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import DatasetError
-from .formatting import format_bytes
-from .rundir import atomic_write
+from ..errors import DatasetError
+from ..formatting import format_bytes
+from ..rundir import atomic_write
 
 log = logging.getLogger("pyramidkd")
 

@@ -1,9 +1,12 @@
-"""Which data path a run takes (``[train] pipeline``), and loading its data once.
+"""Which pipeline a run takes (``[train] pipeline``), and loading its data once.
+
+"Pipeline" is the one name of this choice: the recipe key, :attr:`DataChoice.pipeline`,
+``Run.pipeline`` and the ``pipeline`` a ``last`` checkpoint records:
 
 * ``"dataloader"``: ``Dataset.load`` — per-sample datasets and transforms in a ``DataLoader``.
 * ``"tensor"``: ``Dataset.load_tensors`` — the data set held as tensors, batches
-  gathered and augmented with tensor ops (:mod:`pyramidkd.engine.tensordata`); an
-  error for a data set that does not offer it.
+  gathered and augmented with tensor ops (:mod:`.splits`, :mod:`.augmentation`,
+  :mod:`.batches`); an error for a data set that does not offer it.
 * ``"auto"`` (the default): the tensor path when the data set offers it and its
   tensors (``Dataset.tensor_bytes``, or measured after decoding when that says
   ``None``) take at most :data:`RAM_SHARE` of the available RAM (``MemAvailable`` of
@@ -30,11 +33,11 @@ import os
 import attrs
 import torch
 
-from .components import ComponentSpec, DatasetContext, DataSplits, StagePlan
-from .distributed import World, broadcast_object
-from .errors import DatasetError, RecipeError
-from .formatting import format_bytes
-from .tensordata import TensorSplit
+from ..components import ComponentSpec, DatasetContext, DataSplits, StagePlan
+from ..distributed import World, broadcast_object
+from ..errors import DatasetError, RecipeError
+from ..formatting import format_bytes
+from .splits import TensorSplit
 
 RAM_SHARE = 0.25  # auto: the tensors may take this share of the available RAM
 GPU_SHARE = 0.5  # CUDA: tensors this share of the free GPU memory or less live on the GPU
@@ -44,14 +47,15 @@ DOCS_HINT = 'docs/plugins.md, "Offering tensors (the fast data path)"'
 
 @attrs.frozen
 class DataChoice:
-    """The run's data path and why it was chosen (for the one-line note)."""
+    """The run's pipeline and why it was chosen (for the one-line note)."""
 
-    tensor: bool
+    uses_tensors: bool
     reason: str
 
     @property
-    def path(self) -> str:
-        return "tensor" if self.tensor else "dataloader"
+    def pipeline(self) -> str:
+        """``"tensor"`` or ``"dataloader"`` (never ``"auto"``: this is the choice)."""
+        return "tensor" if self.uses_tensors else "dataloader"
 
 
 def run_pipeline(stages: list[StagePlan], dataset: ComponentSpec, recipe_file: str) -> str:
@@ -83,11 +87,11 @@ def load_run_data(dataset: ComponentSpec, context: DatasetContext, pipeline: str
         choice, data = choose(component, dataset.name, pipeline, context)
     choice = broadcast_object(world, choice)
     if data is None:
-        data = component.load_tensors(context) if choice.tensor else component.load(context)
-    if choice.tensor:
+        data = component.load_tensors(context) if choice.uses_tensors else component.load(context)
+    if choice.uses_tensors:
         check_tensor_splits(data, dataset.name)
     check_labels(data, dataset)
-    if not choice.tensor:
+    if not choice.uses_tensors:
         return data, choice, f"data: DataLoader pipeline ({choice.reason})"
     data, where = place(data, device)
     return data, choice, f"data: tensor pipeline ({choice.reason}; {where})"

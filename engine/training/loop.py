@@ -13,9 +13,10 @@ them; a training step has none of its own except where marked:
   (every step with ``on_nan = "skip-batch"``), under DDP with the ranks' stop flags
   in one all-reduce (:class:`~.stops.StepChecks`);
 * fp16 only: ``GradScaler.step`` reads its inf/NaN flag every step (PyTorch's own);
-* once per epoch: the epoch's sums (``train_epoch``), each evaluation's sums
-  (:mod:`.evaluate`), the best weights copied to the CPU when they improve,
-  the epoch's order copied to the data's device (:mod:`.loaders`);
+* once per epoch: the epoch's sums and the non-finite flag, in one all-reduce
+  (``train_epoch``), each evaluation's sums (:mod:`.evaluate`), the best weights
+  copied to the CPU when they improve, the epoch's order copied to the data's
+  device (:mod:`pyramidkd.engine.data.batches`);
 * the ``DataLoader`` path with ``pin_memory = false``: each batch's copy to the GPU;
 * only when saving mid-epoch: the check and the running sums;
 * under torchrun on GPUs, at each save: every rank's CUDA generator state, gathered;
@@ -33,15 +34,17 @@ import attrs
 import torch
 
 from ..components import ModelSource, StageOutput, StagePlan
+from ..data.batches import make_loader
+from ..data.plan import BatchPlan
 from ..distributed import all_gather_tensors, all_reduce_sum
 from ..records import EpochRecord, StageResult, TeacherRef, TestRecord
-from .checkpoints import model_checkpoint, save_checkpoint
+from .checkpoints import last_checkpoint, model_checkpoint, restore_state, save_checkpoint
 from .evaluate import autocast_context, evaluate, stage_loss
-from .loaders import make_loader
 from .models import count_macs, count_parameters, training_macs
 from .optim import step_scheduler
 from .rng import restore_rng_states, rng_states
-from .state import Progress, StageState, build_stage_state, last_checkpoint, restore_state
+from .progress import Progress
+from .state import StageState, build_stage_state
 from .stops import SavedPosition, StepChecks, StopFlag
 
 
@@ -60,7 +63,7 @@ class StageRunner:
         self.fingerprint = fingerprint
         self.state: StageState | None = None
         self.started = time.time()
-        self.num_steps: int | None = None  # optimisation steps per epoch, known once the loader exists
+        self.batch_plan: BatchPlan | None = None  # the training batches' geometry, known once the loader exists
 
     # -- the stage -----------------------------------------------------------
     def execute(self, resume_checkpoint: dict | None = None) -> StageResult:
@@ -84,18 +87,18 @@ class StageRunner:
             path = self.checkpoint_path("last")
             progress = restore_state(self.state, resume_checkpoint, path, self.checkpoint_path("best"), self.run.world.rank)
             elapsed_before = resume_checkpoint.get("elapsed_s", 0.0)
-            self.warn_on_another_data_path(resume_checkpoint.get("data_path"))
+            self.warn_on_another_pipeline(resume_checkpoint.get("pipeline", resume_checkpoint.get("data_path")))  # 0.2 wrote data_path
             self.stop.record_save(SavedPosition(path, progress.epoch, progress.step))
         self.started = started - elapsed_before  # a stage's time includes the time before an interruption
         return progress
 
-    def warn_on_another_data_path(self, saved_path: str | None) -> None:
+    def warn_on_another_pipeline(self, saved: str | None) -> None:
         """``pipeline = "auto"`` decides per run: say so when it chose differently this time."""
-        current = getattr(self.run, "data_path", None)
-        if saved_path is None or current is None or saved_path == current or not self.run.world.is_main:
+        current = getattr(self.run, "pipeline", None)
+        if saved is None or current is None or saved == current or not self.run.world.is_main:
             return
-        log.warning(f"stage {self.stage.id!r} was interrupted on the {saved_path} data path and continues on the {current} path "
-                    f"(pipeline = \"auto\" chose differently this time, see engine/datapath.py): its result will not be "
+        log.warning(f"stage {self.stage.id!r} was interrupted on the {saved} data path and continues on the {current} path "
+                    f"(pipeline = \"auto\" chose differently this time, see engine/data/pipeline.py): its result will not be "
                     "bit-identical to an uninterrupted run's")
 
     def close(self) -> None:
@@ -106,8 +109,9 @@ class StageRunner:
         return self.run.directory.checkpoint(self.stage.id, which)
 
     def loader(self, dataset, *, train: bool, generator: torch.Generator | None = None):
-        """Training batches (:class:`~.loaders.TensorBatches` or :class:`~.loaders.LoaderBatches`)
-        or evaluation batches of ``dataset``, on the run's data path."""
+        """Training batches (:class:`~pyramidkd.engine.data.batches.TensorBatches` or
+        :class:`~pyramidkd.engine.data.batches.LoaderBatches`) or evaluation batches of
+        ``dataset``, on the run's pipeline."""
         augmentation = getattr(self.run.data, "augmentation", None) if train else None
         return make_loader(dataset, self.stage.train, self.run.world, self.device, train=train, generator=generator,
                            augmentation=augmentation)
@@ -117,8 +121,9 @@ class StageRunner:
         run, stage = self.run, self.stage
         train_loader = self.loader(run.data.train, train=True, generator=self.state.generator)
         val_loader = self.loader(run.data.val, train=False)
-        self.num_steps = len(train_loader)
+        self.batch_plan = train_loader.plan
         for epoch in range(progress.epoch + 1, stage.train.epochs + 1):
+            self.state.loss_fn.start_epoch(epoch)  # also the first epoch after a resume: warm-ups stay exact
             epoch_started = time.time()
             train_loss, train_acc = self.train_epoch(epoch, train_loader, progress)
             train_time = time.time() - epoch_started
@@ -161,8 +166,10 @@ class StageRunner:
         state = self.state
         state.student.train()
         state.loss_fn.train()
-        num_steps = len(loader)
-        # loss sum, correct, seen (and a non-finite flag): kept on the device, synchronised once per epoch
+        plan = loader.plan
+        num_steps = plan.steps_per_epoch
+        # The epoch's loss sum, correct and seen stay on the device, read once, at the epoch's end (with the
+        # non-finite flag); StepChecks reads the device every CHECK_EVERY steps (every step with on_nan = "skip-batch").
         totals = torch.tensor([progress.loss_sum, progress.correct, progress.seen], dtype=torch.float64, device=self.device)
         checks = StepChecks(self.run.world, self.device, self.stop, self.stage, self.checkpoint_path("last"))
         step = progress.step
@@ -176,7 +183,7 @@ class StageRunner:
             if bad_loss:
                 self.skip_bad_batch(epoch, step, checks, progress)
             else:
-                self.optimise(loss, step, images.shape[0])
+                self.optimise(loss, plan.loss_weight(step, images.shape[0]))
                 totals[0] += loss.detach().double() * images.shape[0]
                 totals[1] += (student_out.logits.detach().argmax(1) == targets).sum()
                 totals[2] += images.shape[0]
@@ -215,15 +222,11 @@ class StageRunner:
         checks.watch.reset()
         self.state.optimizer.zero_grad(set_to_none=True)
 
-    def optimise(self, loss: torch.Tensor, step: int, local_batch: int) -> None:
-        state, settings, world = self.state, self.stage.train, self.run.world
+    def optimise(self, loss: torch.Tensor, weight: float) -> None:
+        """One optimiser step on ``loss * weight`` (``weight``: this rank's share of the
+        global batch under DDP, from the batch plan; 1 in one process)."""
+        state, settings = self.state, self.stage.train
         state.optimizer.zero_grad(set_to_none=True)
-        weight = 1.0
-        if world.distributed:
-            # Weight by this rank's share of the global batch: DDP averages the
-            # ranks' gradients, so the sum equals the single-process gradient.
-            global_batch = min(settings.batch_size, len(self.run.data.train) - (step - 1) * settings.batch_size)
-            weight = local_batch * world.size / global_batch
         state.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         if settings.grad_clip > 0:
             state.scaler.unscale_(state.optimizer)
@@ -241,7 +244,8 @@ class StageRunner:
         path = self.checkpoint_path("last")
         if self.run.world.is_main:
             save_checkpoint(path, checkpoint)
-        self.stop.record_save(SavedPosition(path, progress.epoch, progress.step, self.num_steps))
+        num_steps = self.batch_plan.steps_per_epoch if self.batch_plan is not None else None
+        self.stop.record_save(SavedPosition(path, progress.epoch, progress.step, num_steps))
 
     def save_mid_epoch(self, progress: Progress, epoch: int, step: int, totals: torch.Tensor, checks: StepChecks, *,
                        gather: bool = True) -> None:
@@ -268,7 +272,7 @@ class StageRunner:
             model=stage.model.name,
             model_params=stage.model.as_dict(),
             loss=stage.loss.name,
-            params=count_parameters(state.student),
+            num_parameters=count_parameters(state.student),
             epochs=stage.train.epochs,
             select=stage.select,
             best_epoch=progress.best_epoch,

@@ -36,11 +36,11 @@ from torchvision import transforms as T
 
 from pyramidkd import testing
 from pyramidkd.engine import Augmentation, DataSplits, Dataset, TensorSplit, TrainSection
-from pyramidkd.engine.datapath import load_run_data
+from pyramidkd.engine.data.batches import make_loader
+from pyramidkd.engine.data.pipeline import load_run_data
 from pyramidkd.engine.distributed import World
 from pyramidkd.engine.rundir import RunDirectory
 from pyramidkd.engine.runner import Run, dataset_context, prepare
-from pyramidkd.engine.training.loaders import make_loader
 from pyramidkd.engine.training.loop import StageRunner
 
 pytestmark = pytest.mark.benchmark_suite
@@ -158,7 +158,7 @@ def stage_epoch(folder: Path, pipeline: str, count: int):
     device = torch.device("cpu")
     data, choice, _ = load_run_data(prepared.dataset, dataset_context(prepared.recipe), prepared.pipeline, device, World())
     run = Run(prepared.recipe, RunDirectory(str(folder / pipeline)), device, prepared.stages, prepared.host, data, True, 0,
-              data_path=choice.path)
+              pipeline=choice.pipeline)
     runner = StageRunner(run, prepared.stages[0], {})
     progress = runner.setup()
     loader = runner.loader(data.train, train=True, generator=runner.state.generator)
