@@ -38,14 +38,16 @@ from .formatting import (
     progress_bar,
     summary_rows,
 )
-from .decoded import cached_tensors, decode_images
-from .errors import CheckpointError, DatasetError, PluginError, RecipeError, RunDirectoryError, UserError
+from .data.augmentation import Augmentation
+from .data.decoded_cache import cached_tensors, decode_images
+from .data.splits import TensorSplit
+from .errors import CheckpointError, DatasetError, PluginError, RecipeError, RunDirectoryError, UserError, install_hint
 from .hookspecs import hookimpl, hookspec
 from .sweeps.jobs import JobOutcome, RunJob, outcome_file, run_job, write_job_file
 from .planning import PlanContext, SourceModel, StageEntry
 from .records import CSV_COLUMNS, DatasetInfo, EpochRecord, RunSummary, StageResult, TeacherRef, TestRecord, record_from_dict, read_metrics
-from .tensordata import Augmentation, TensorSplit
 from .settings import OptimizerSection, SchedulerSection, TrainSection
+from .tapping import loss_taps
 from .validation import FieldValueError, between, non_negative, open_unit, positive
 
 __all__ = [
@@ -103,6 +105,8 @@ __all__ = [
     "format_table",
     "hookimpl",
     "hookspec",
+    "install_hint",
+    "loss_taps",
     "non_negative",
     "open_unit",
     "outcome_file",

@@ -7,14 +7,17 @@ recipe section against it (unknown keys, types, ranges) before anything runs.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import attrs
 import torch
 from torch import nn
 
+from .errors import UserError
 from .settings import TrainSection
-from .tensordata import Augmentation
+
+if TYPE_CHECKING:  # a type reference only: the data package is not imported to define the bases
+    from .data.augmentation import Augmentation
 
 
 @attrs.define
@@ -51,7 +54,7 @@ class DataSplits:
 
     From ``Dataset.load`` the splits are ordinary ``torch.utils.data.Dataset``
     objects (per-sample, through a ``DataLoader``); from ``Dataset.load_tensors``
-    they are :class:`~pyramidkd.engine.tensordata.TensorSplit` objects and
+    they are :class:`~pyramidkd.engine.data.splits.TensorSplit` objects and
     ``augmentation`` says how training batches are augmented.
     """
 
@@ -104,7 +107,7 @@ class Dataset(Component):
 
     def load_tensors(self, context: DatasetContext) -> DataSplits:
         """Offer the tensor pipeline: the same splits as ``load`` (same images, same
-        split indices) decoded once into :class:`~pyramidkd.engine.tensordata.TensorSplit`
+        split indices) decoded once into :class:`~pyramidkd.engine.data.splits.TensorSplit`
         objects, with ``augmentation`` describing the training augmentation that
         ``load``'s per-sample transforms apply. A dataset that does not override it
         only runs on the ``DataLoader`` path."""
@@ -113,7 +116,7 @@ class Dataset(Component):
     def tensor_bytes(self, context: DatasetContext) -> int | None:
         """Estimated size in bytes of ``load_tensors``' tensors, known without decoding:
         ``pipeline = "auto"`` takes the tensor path when it is at most 25 % of the
-        available RAM (:mod:`pyramidkd.engine.datapath`). ``None``: unknown, the run
+        available RAM (:mod:`pyramidkd.engine.data.pipeline`). ``None``: unknown, the run
         decodes and measures."""
         return None
 
@@ -143,7 +146,8 @@ class Model(Component):
 
 @attrs.define
 class ModelOutput:
-    """A forward pass: logits plus any tapped intermediate tensors (by tap name)."""
+    """A forward pass: logits plus any tapped intermediate tensors (by tap name;
+    a ``feat.*`` tap arrives as ``feat.1`` … ``feat.K``)."""
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = attrs.field(factory=dict)
@@ -157,19 +161,90 @@ class Loss(Component, nn.Module):
 
     ``teachers`` is a (possibly empty) sequence of :class:`ModelOutput` computed
     without gradients; ``needs_teacher`` tells schemes whether one is required.
+
+    The feature-tap contract: ``taps`` names the tensors the loss reads from
+    ``ModelOutput.features`` — ``feat.0`` (stem) … ``feat.K`` (stage outputs),
+    ``preact.1`` … ``preact.K``, ``pooled``; ``feat.*`` / ``preact.*`` mean every
+    stage 1 … K of the model (``features`` then holds ``feat.1``, ``feat.2``, …).
+    A logit-only loss reads none, and its stage taps nothing. ``matches`` says
+    which tapped maps it can compare (``check_features``, run by ``validate``).
+
+    Data hooks (off by default, so they cost nothing): a loss whose ``needs_indices``
+    is true (a class or instance attribute) gets each training batch's dataset
+    indices — positions in the training split, stable across epochs and resume; under
+    torchrun this rank's share — through :meth:`start_batch`, called with a long
+    tensor on the training device right before the loss's forward; validation and
+    direct calls give none. :meth:`setup_data` (called once per stage, before
+    :meth:`setup`, when overridden) tells it the training split's size and labels,
+    e.g. to size a memory bank. ``teacher_batch_statistics = True`` makes the loop
+    run the teachers' BatchNorm layers on batch statistics while training (their
+    running statistics left unchanged; eval mode again for validation and test).
     """
 
     kind: ClassVar[str] = "loss"
     needs_teacher: ClassVar[bool] = False
+    taps: tuple[str, ...] = ()
+    # "same_shape" | "same_spatial" (H×W) | "same_channels" | "any" (the loss has its own connector)
+    matches: ClassVar[str] = "any"
+    epoch: int = 1  # the 1-based epoch being trained, set through start_epoch()
+    needs_indices: bool = False  # True: the loop calls start_batch(indices) before each training forward
+    teacher_batch_statistics: ClassVar[bool] = False  # True: teachers' BN on batch statistics while training
+    batch_indices: torch.Tensor | None = None  # the current training batch's dataset indices (start_batch)
 
     def __init__(self, params: Any = None):
         nn.Module.__init__(self)
         Component.__init__(self, params)
 
+    def student_taps(self) -> tuple[str, ...]:
+        """The student's taps this loss reads (may depend on the parameters)."""
+        return self.taps
+
+    def teacher_taps(self) -> tuple[str, ...]:
+        """The teachers' taps this loss reads."""
+        return self.taps
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch (also the first after a resume)."""
+        self.epoch = epoch
+
+    def start_batch(self, indices: torch.Tensor) -> None:
+        """Called by the training loop before each training forward when ``needs_indices``
+        is true: the batch's indices into the training split (long, on the device)."""
+        self.batch_indices = indices
+
+    def setup_data(self, size: int, labels: torch.Tensor | None) -> None:
+        """Called once per stage before :meth:`setup` (only when overridden): the
+        training split's sample count and its labels (int64, CPU; ``None`` when the
+        data set does not expose them without decoding)."""
+
+    def check_features(self, student: dict[str, tuple[int, ...]], teacher: dict[str, tuple[int, ...]]) -> None:
+        """Refuse (``UserError``) feature maps this loss cannot compare; called before
+        training with the per-sample shapes (no batch dimension) of every tap the stage
+        records, by tap name. The default compares the taps both sides share by
+        ``matches``; a loss with its own connector keeps ``matches = "any"``."""
+        part = {"same_shape": slice(None), "same_spatial": slice(1, None), "same_channels": slice(0, 1)}.get(self.matches)
+        if part is None:
+            return
+        for name in [n for n in student if n in teacher]:
+            if tuple(student[name])[part] != tuple(teacher[name])[part]:
+                what = self.matches.replace("_", " ")
+                raise UserError(
+                    f"loss {self.name!r} compares maps of the {what}, but at tap {name!r} the student's is "
+                    f"{tuple(student[name])} and the teacher's {tuple(teacher[name])} (per sample)",
+                    fix="use a loss whose connector maps any student map onto the teacher's, e.g. \"hint\" "
+                    "(1×1-conv regressor and pooling), or models whose maps match there",
+                )
+
     def setup(self, student: ModelOutput, teachers: Sequence[ModelOutput]) -> None:
         """Called once per stage, before the optimiser is built, with the outputs of
         one training batch (no grad); create shape-dependent parameters here (e.g. a
         FitNet regressor). Only called when a subclass overrides it."""
+
+    def inherit_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Called once per stage after :meth:`setup` when the stage has an ``init_from``,
+        with the loss state that source saved (an earlier stage's ``last.pt``; ``None``
+        for a checkpoint file or none saved): a loss that continues modules trained in
+        an earlier stage (FT's paraphraser) loads them here. Only called when overridden."""
 
     def forward(self, student: ModelOutput, teachers: Sequence[ModelOutput], targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -237,7 +312,8 @@ class StagePlan:
     # Parameter-name prefixes that train (None: all). Pyramid stage 1 trains only
     # the layers up to the compressed block.
     trainable: list[str] | None = None
-    # Tap name -> module path ("features.12"; "features.12:input" taps the input).
+    # Tap name -> module path ("features.12"; "features.12:input" taps the input), or
+    # "@<point>", a point of the model's tap_points() ("@feat.2"; "@feat.*": every stage).
     student_taps: dict[str, str] = attrs.field(factory=dict)
     teacher_taps: dict[str, str] = attrs.field(factory=dict)
     # Which checkpoint is "best": highest val accuracy, lowest val loss (the stage's

@@ -12,7 +12,6 @@ in ``.pt`` names a checkpoint file); then the checks that need the whole plan.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from typing import Any
@@ -21,13 +20,14 @@ import attrs
 
 from .components import CheckpointFile, ComponentSpec, DatasetContext, DataShape, DataSplits, ModelSource, StageOutput, StagePlan
 from .data.pipeline import run_pipeline
-from .errors import CheckpointError, RecipeError
+from .errors import CheckpointError, RecipeError, did_you_mean
 from .recipe import RawComponent, Recipe, leaf_paths, lookup_key_path
 from .registries import PluginHost
 from .settings import TrainSection
 from .shadowing import shadowed_overrides
 from .training.checkpoints import load_checkpoint
 from .tapping import check_stage_taps
+from .validation import ErrorList
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
@@ -172,9 +172,8 @@ class PlanContext:
             message = f"stage {reference!r} runs later in the recipe; a stage can only use stages before it"
             fix = "move the referenced stage earlier"
         else:
-            close = difflib.get_close_matches(reference, known, n=1)
             message = f"refers to stage {reference!r}, which does not exist; earlier stages: {', '.join(known) or '(none)'}"
-            fix = (f"did you mean {close[0]!r}? " if close else "") + "name an earlier stage id or a checkpoint file (.pt)"
+            fix = did_you_mean(reference, known) + "name an earlier stage id or a checkpoint file (.pt)"
         raise RecipeError(message, file=self.recipe.file, key=key, fix=fix)
 
     def model_of(self, source: ModelSource | str, key: str = "") -> SourceModel:
@@ -212,6 +211,19 @@ class PlanContext:
             self._stages.append(plan)
         self._entry_outputs[entry.id] = planned[-1].id
         return planned
+
+
+def check_components(recipe: Recipe, resolver: ComponentResolver) -> None:
+    """Raise every error of the recipe's own components (names and parameters) at
+    once, together with the recipe's deferred errors (:attr:`Recipe.problems`)."""
+    errors = ErrorList()
+    errors.errors += recipe.problems
+    named = [("dataset", recipe.dataset)] + [("logger", raw) for raw in recipe.loggers]
+    for section in recipe.stages:
+        named += [(kind, raw) for kind, raw in (("scheme", section.scheme), ("model", section.model), ("loss", section.loss)) if raw]
+    for kind, raw in named:
+        errors.check(lambda: resolver.resolve(kind, raw))
+    errors.raise_all()
 
 
 def plan_recipe(recipe: Recipe, resolver: ComponentResolver) -> list[StagePlan]:
@@ -262,6 +274,7 @@ def prepare_run(recipe: Recipe, host: PluginHost, *, max_epochs: int | None = No
     shadows are logged as notes. ``max_epochs`` caps every stage's epochs
     (scheme-planned stages included)."""
     resolver = ComponentResolver(recipe, host.registries)
+    check_components(recipe, resolver)
     dataset = resolver.resolve("dataset", recipe.dataset)
     loggers = [resolver.resolve("logger", raw) for raw in recipe.loggers]
     stages = _capped(plan_recipe(recipe, resolver), max_epochs)

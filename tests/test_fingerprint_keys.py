@@ -63,3 +63,19 @@ def test_kd_stages_of_0_2_0_keep_their_fingerprint():
     standardized = build_component("loss", "kd", {"standardize": True, "kd_weight": 9.0, "ce_weight": 0.1})
     spec.params = standardized.params
     assert component_description(spec)["params"]["standardize"] is True
+
+
+def test_hint_mse_and_gram_stages_of_0_2_0_keep_their_fingerprint():
+    """hint gained hint_layer / guided_layer and mse / gram gained layers in 0.3.0; a
+    stage configured as 0.2.0 could (hint reading the tap named "hint") is described as
+    0.2.0 described it."""
+    from pyramidkd.engine.training.fingerprint import component_description
+    from pyramidkd.testing import build_component
+
+    def describe(name, params):
+        loss = build_component("loss", name, params)
+        return component_description(type("Spec", (), {"name": name, "params": loss.params})())["params"]
+
+    assert set(describe("hint", {"hint_layer": "hint"})) == {"regressor"}
+    assert describe("hint", {})["hint_layer"] == "feat.2"  # the new default is a new behaviour
+    assert "layers" not in describe("mse", {}) and "layers" not in describe("gram", {})

@@ -209,3 +209,28 @@ def test_the_wrn_28_2_level_is_the_reference_wrn_28_2():
     assert sum(p.numel() for p in model.parameters()) == 1_479_220  # = wrn depth 28, widen 2 (tests/test_model_zoo.py)
     blocks = testing.build_component("model", "resnet_blocks", {"blocks": [5, 5, 5]}).build(100, (3, 32, 32))
     assert sum(p.numel() for p in blocks.parameters()) == 472_756  # resnet32's count
+
+
+def test_a_hint_stage1_loss_reads_the_layers_the_hint_stage_matches(tmp_path, cli):
+    """stage1_loss = "hint" compares the matched layers (tapped as "out") through the
+    regressor, on the VGG Pyramid and on a residual ladder alike."""
+    for scheme, teacher, levels in (("pyramid-forward", "vgg19", '["svgg17", "svgg14"]'),
+                                    ("pyramid-backward", "resnet20", '["resnet8"]')):
+        recipe = tmp_path / f"{scheme}-{teacher}.toml"
+        recipe.write_text(f'''
+[experiment]
+name = "hint-stage"
+[dataset]
+name = "synthetic"
+[train]
+epochs = 1
+[[stages]]
+id = "teacher"
+scheme = "scratch"
+model = {{ name = "{teacher}" }}
+[[stages]]
+id = "chain"
+scheme = {{ name = "{scheme}", teacher = "teacher", levels = {levels}, stage1_loss = "hint" }}
+''')
+        checked = cli("validate", recipe)
+        assert checked.code == 0, checked.err

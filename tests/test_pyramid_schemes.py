@@ -236,17 +236,18 @@ def test_gram_matches_the_flow_between_block_input_and_output():
 
 
 def test_hint_creates_a_regressor_only_where_channels_differ():
-    from pyramidkd.plugins.losses.features import HintLoss
+    from pyramidkd.plugins.losses.features import HintLoss, HintParams
 
     student, teacher = output(hint=torch.randn(2, 4, 4, 4)), output(hint=torch.randn(2, 8, 4, 4))
-    loss = HintLoss()
+    loss = HintLoss(HintParams(hint_layer="hint"))  # the name the fitnet scheme taps its layer under
+    assert loss.student_taps() == loss.teacher_taps() == ("hint",)
     loss.setup(student, [teacher])
     assert isinstance(loss.regressor, torch.nn.Conv2d) and loss.regressor.kernel_size == (1, 1)
     assert sum(p.numel() for p in loss.parameters()) == 4 * 8 + 8
     value = loss(student, [teacher], None)
     value.backward()
     assert loss.regressor.weight.grad is not None
-    same = HintLoss()
+    same = HintLoss(HintParams(hint_layer="hint"))
     same.setup(teacher, [teacher])
     assert same.regressor is None and same(teacher, [teacher], None).item() == 0
 

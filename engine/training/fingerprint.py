@@ -30,17 +30,20 @@ LATER_TRAIN_KEYS = {"sync_batchnorm": True, "scheduler.milestones": []}
 
 def component_description(spec: ComponentSpec) -> dict[str, Any]:
     """A component's name and parameters. A parameter added after components were first
-    fingerprinted declares ``metadata={"since": "<version>"}``: at its default it is left
-    out, so stages stored before it existed (which behaved as its default) are reused."""
+    fingerprinted declares ``metadata={"since": "<version>"}``: at the value that does what
+    the component did before it existed (``metadata["was"]``, else its default) it is left
+    out, so stages stored by the older release are reused."""
     params = attrs.asdict(spec.params)
     if attrs.has(type(spec.params)):
         for field in attrs.fields(type(spec.params)):
-            if "since" in field.metadata and field.name in params and params[field.name] == _default(field):
+            if "since" in field.metadata and field.name in params and params[field.name] == _older_behaviour(field):
                 del params[field.name]
     return {"name": spec.name, "params": params}
 
 
-def _default(field: attrs.Attribute) -> Any:
+def _older_behaviour(field: attrs.Attribute) -> Any:
+    if "was" in field.metadata:
+        return field.metadata["was"]
     default = field.default
     return default.factory() if isinstance(default, attrs.Factory) and not default.takes_self else default
 

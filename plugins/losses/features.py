@@ -1,13 +1,21 @@
 """Feature-matching losses for hint stages, and the ensemble KD loss.
 
-They read the tensors a scheme taps (``StagePlan.student_taps`` / ``teacher_taps``;
-``ModelOutput.features`` maps tap name -> tensor) and compare the student with the
-first teacher. Tap names:
+They read tapped tensors (``ModelOutput.features``: tap name -> tensor) and compare
+the student with the first teacher. Each declares the taps it reads (``Loss.taps``
+through ``student_taps()`` / ``teacher_taps()``): either points of the tap contract
+(``feat.k``, ``preact.k``, ``feat.*``; the ``kd`` and ``fitnet`` schemes tap them on
+any model that declares ``tap_points()``), or, left at their defaults, the names the
+Pyramid schemes tap by module path:
 
-* ``mse``  — ``out`` (or several: ``out.<k>``): the block output to match;
-* ``gram`` — ``in`` and ``out`` (or pairs ``in.<k>`` / ``out.<k>``): the input and
-  output of the block whose flow (FSP/Gram matrix) is matched;
-* ``hint`` — ``hint``: FitNet's guided layer (student) and hint layer (teacher).
+* ``mse``  — ``layers`` (e.g. ``["feat.3"]``, ``["feat.*"]``), default ``out`` (or
+  several: ``out.<k>``): the maps to match, of equal shapes;
+* ``gram`` — ``layers`` in order, the flow (FSP/Gram matrix) between each consecutive
+  pair matched (e.g. ``["feat.0", "feat.*"]``: stem → stage 1 → … → stage K), default
+  the pairs ``in`` / ``out`` (or ``in.<k>`` / ``out.<k>``); channel counts must match;
+* ``hint`` — the student's ``guided_layer`` (default: the same name) against the
+  teacher's ``hint_layer`` (default ``feat.2``); a 1×1-conv regressor maps the
+  channels and the larger map is pooled to the smaller, so any pair of models works
+  (``fitnet`` sets ``hint_layer = "hint"``, the layer it taps itself).
 
 All are mean-reduced, so their scale does not depend on the batch or feature size.
 ``kd-ensemble`` uses logits only.
@@ -22,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyramidkd.engine import Loss, ModelOutput, UserError, hookimpl, ops
+from pyramidkd.engine import FieldValueError, Loss, ModelOutput, UserError, hookimpl, ops
 from pyramidkd.plugins.losses.distillation import KDLoss, KDParams
 
 
@@ -38,8 +46,27 @@ def _tap(output: ModelOutput, name: str, loss: str, role: str) -> torch.Tensor:
         have = ", ".join(sorted(output.features)) or "none"
         raise UserError(
             f"loss {loss!r} needs the {role}'s tap {name!r}, but the stage taps {have}",
-            fix=f"use loss {loss!r} with a scheme that taps {name!r} (pyramid-forward, pyramid-backward, gram-direct, fitnet)",
+            fix=f"use loss {loss!r} with the kd scheme (it taps what the loss reads) or a scheme that taps {name!r} "
+            "(pyramid-forward, pyramid-backward, gram-direct, fitnet)",
         ) from None
+
+
+def _expand(layers: Sequence[str], available) -> list[str]:
+    """``layers`` with ``feat.*`` / ``preact.*`` replaced by every such tap in ``available`` (stage order)."""
+    names: list[str] = []
+    for layer in layers:
+        if layer.endswith(".*"):
+            stages = [n for n in available if n.startswith(layer[:-1]) and n[len(layer) - 1:].isdigit()]
+            names += sorted((n for n in stages if int(n[len(layer) - 1:]) >= 1), key=lambda n: int(n[len(layer) - 1:]))
+        else:
+            names.append(layer)
+    return names
+
+
+def _check_layers(instance, attribute, value):
+    for layer in value:
+        if not isinstance(layer, str) or not layer:
+            raise FieldValueError(f"entries must be tap names, got {layer!r}", 'e.g. layers = ["feat.3"] or ["feat.*"]')
 
 
 def _teacher(teachers: Sequence[ModelOutput], loss: str) -> ModelOutput:
@@ -110,21 +137,46 @@ class FeatureLoss(Loss):
         self.forward(student, teachers, None)
 
 
+LAYERS_HELP = 'tap points to match, e.g. ["feat.3"] or ["feat.*"] (any scheme that taps them: kd); empty: the "out" taps of the Pyramid schemes'
+
+
+@attrs.define
+class MSEParams:
+    layers: list[str] = attrs.field(factory=list, validator=_check_layers, metadata={"since": "0.3.0", "help": LAYERS_HELP})
+
+
 class FeatureMSELoss(FeatureLoss):
     """Mean squared error between the student's and the teacher's tapped features."""
 
     name = "mse"
+    Params = MSEParams
+    matches = "same_shape"
+
+    def student_taps(self):
+        return tuple(self.params.layers) or ("out",)
+
+    teacher_taps = student_taps
+
+    def matched(self, features) -> list[str]:
+        """The tap names compared: ``layers`` expanded, or ``out`` / ``out.<k>``."""
+        if self.params.layers:
+            return _expand(self.params.layers, features)
+        return ["out" + suffix for suffix in _pairs(features, "out")]
+
+    def check_features(self, student, teacher):
+        names = [n for n in self.matched(student) if n in teacher]
+        super().check_features({n: student[n] for n in names}, {n: teacher[n] for n in names})
 
     def forward(self, student, teachers, targets):
         teacher = _teacher(teachers, self.name)
-        suffixes = _pairs(student.features, "out")
-        if not suffixes:
-            _tap(student, "out", self.name, "student")
+        names = self.matched(student.features)
+        if not names:
+            _tap(student, self.student_taps()[0], self.name, "student")
         losses = []
-        for suffix in suffixes:
-            s = student.features["out" + suffix]
-            t = _tap(teacher, "out" + suffix, self.name, "teacher")
-            _same_shape(s, t, self.name, "out" + suffix)
+        for name in names:
+            s = _tap(student, name, self.name, "student")
+            t = _tap(teacher, name, self.name, "teacher")
+            _same_shape(s, t, self.name, name)
             losses.append(F.mse_loss(s.float(), t.float()))
         return torch.stack(losses).mean()
 
@@ -132,6 +184,8 @@ class FeatureMSELoss(FeatureLoss):
 @attrs.define
 class GramParams:
     pool: Literal["avg", "max"] = attrs.field(default="avg", metadata={"help": "how the larger of a block's input and output maps is pooled to the smaller"})
+    layers: list[str] = attrs.field(factory=list, validator=_check_layers, metadata={"since": "0.3.0",
+        "help": 'tap points in order, the flow between each consecutive pair matched, e.g. ["feat.0", "feat.*"]; empty: the "in" / "out" taps of the Pyramid schemes'})
 
 
 class GramLoss(FeatureLoss):
@@ -140,19 +194,43 @@ class GramLoss(FeatureLoss):
     name = "gram"
     Params = GramParams
 
+    def student_taps(self):
+        return tuple(self.params.layers) or ("in", "out")
+
+    teacher_taps = student_taps
+
+    def flows(self, features, teacher_features=None) -> list[tuple[str, str]]:
+        """(input tap, output tap) of each matched flow."""
+        if not self.params.layers:
+            return [("in" + suffix, "out" + suffix) for suffix in _pairs(features, "out")]
+        names = _expand(self.params.layers, features)
+        if teacher_features is not None:
+            names = [n for n in names if n in teacher_features]
+        return list(zip(names, names[1:]))
+
+    def check_features(self, student, teacher):
+        for f_in, f_out in self.flows(student, teacher):
+            if f_in in teacher and f_out in teacher:
+                ours, theirs = (student[f_in][0], student[f_out][0]), (teacher[f_in][0], teacher[f_out][0])
+                if ours != theirs:
+                    raise UserError(
+                        f"loss 'gram': the Gram matrix of {f_in} → {f_out} is {ours[0]}×{ours[1]} in the student "
+                        f"but {theirs[0]}×{theirs[1]} in the teacher (channels in × out must match)",
+                        fix='use loss "hint" (its 1×1-conv regressor maps the student\'s channels to the teacher\'s), '
+                        "or points where both models have the same channel counts",
+                    )
+
     def forward(self, student, teachers, targets):
         teacher = _teacher(teachers, self.name)
-        suffixes = _pairs(student.features, "out")
-        if not suffixes:
-            _tap(student, "out", self.name, "student")
+        flows = self.flows(student.features, teacher.features)
+        if not flows:
+            _tap(student, self.student_taps()[-1], self.name, "student")
         losses = []
-        for suffix in suffixes:
+        for f_in, f_out in flows:
             pair = {}
             for role, output in (("student", student), ("teacher", teacher)):
-                f_in = _tap(output, "in" + suffix, self.name, role)
-                f_out = _tap(output, "out" + suffix, self.name, role)
-                pair[role] = gram_matrix(f_in, f_out, self.params.pool)
-            _same_shape(pair["student"], pair["teacher"], self.name, "in/out" + suffix, "Gram matrices (channels in × out)")
+                pair[role] = gram_matrix(_tap(output, f_in, self.name, role), _tap(output, f_out, self.name, role), self.params.pool)
+            _same_shape(pair["student"], pair["teacher"], self.name, f"{f_in}/{f_out}", "Gram matrices (channels in × out)")
             losses.append(F.mse_loss(pair["student"], pair["teacher"]))
         return torch.stack(losses).mean()
 
@@ -162,6 +240,10 @@ class HintParams:
     regressor: Literal["auto", "always", "never"] = attrs.field(
         default="auto", metadata={"help": "1×1-conv regressor on the student's guided layer: auto = only where channels differ"}
     )
+    # "was": 0.2.0's hint loss read the tap named "hint"; such stages keep their fingerprint.
+    hint_layer: str = attrs.field(default="feat.2", metadata={"since": "0.3.0", "was": "hint",
+        "help": 'the teacher\'s hint layer, a tap point such as "feat.2" or "preact.3" (FitNet: a middle stage)'})
+    guided_layer: str = attrs.field(default="", metadata={"since": "0.3.0", "help": "the student's guided layer (default: hint_layer)"})
 
 
 class HintLoss(FeatureLoss):
@@ -174,27 +256,51 @@ class HintLoss(FeatureLoss):
         super().__init__(params)
         self.regressor: nn.Module | None = None
 
+    def student_taps(self):
+        return (self.params.guided_layer or self.params.hint_layer,)
+
+    def teacher_taps(self):
+        return (self.params.hint_layer,)
+
+    def maps(self, student, teachers) -> tuple[torch.Tensor, torch.Tensor]:
+        s = _tap(student, self.student_taps()[0], self.name, "student")
+        t = _tap(_teacher(teachers, self.name), self.params.hint_layer, self.name, "teacher")
+        return s, t
+
+    def check_features(self, student, teacher):
+        s, t = student.get(self.student_taps()[0]), teacher.get(self.params.hint_layer)
+        if s is None or t is None:
+            return  # a missing tap is refused by name before this
+        if len(s) != 3 or len(t) != 3:
+            raise UserError(
+                f"loss 'hint' matches feature maps [C, H, W], but the guided layer is {tuple(s)} and the hint layer {tuple(t)}",
+                fix='set hint_layer (and guided_layer) to a stage output, e.g. "feat.2", not "pooled"',
+            )
+        if self.params.regressor == "never" and s[0] != t[0]:
+            raise self.channel_error(s[0], t[0])
+
+    def channel_error(self, ours: int, theirs: int) -> UserError:
+        return UserError(
+            f"loss 'hint': the student's guided layer has {ours} channels, the teacher's hint {theirs}, and regressor = \"never\"",
+            fix='set regressor = "auto" (a 1×1 conv maps the channels)',
+        )
+
     def setup(self, student, teachers):
-        s = _tap(student, "hint", self.name, "student")
-        t = _tap(_teacher(teachers, self.name), "hint", self.name, "teacher")
+        s, t = self.maps(student, teachers)
         mode = self.params.regressor
         if mode == "always" or (mode == "auto" and s.shape[1] != t.shape[1]):
             self.regressor = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
         elif s.shape[1] != t.shape[1]:
-            raise UserError(
-                f"loss 'hint': the student's guided layer has {s.shape[1]} channels, the teacher's hint {t.shape[1]}, and regressor = \"never\"",
-                fix='set regressor = "auto" (a 1×1 conv maps the channels)',
-            )
+            raise self.channel_error(s.shape[1], t.shape[1])
 
     def forward(self, student, teachers, targets):
-        s = _tap(student, "hint", self.name, "student").float()
-        t = _tap(_teacher(teachers, self.name), "hint", self.name, "teacher").float()
+        s, t = (m.float() for m in self.maps(student, teachers))
         if self.regressor is not None:
             s = self.regressor(s)
         if s.shape[-2:] != t.shape[-2:]:  # pool the larger map to the smaller
             size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
             s, t = _pool_to(s, size, "avg"), _pool_to(t, size, "avg")
-        _same_shape(s, t, self.name, "hint")
+        _same_shape(s, t, self.name, self.params.hint_layer)
         return F.mse_loss(s, t)
 
 

@@ -47,6 +47,18 @@ the published model's per-layer gain at any width/input size; "pytorch": default
 Class-level metadata, for schemes (see :class:`PyramidModel`): ``blocks`` (module
 names in order, head last), ``points`` (depth point -> module path to tap),
 ``regions`` (compressed block -> (input point, output point)).
+
+Tap points (``tap_points()``, the contract every model shares; the same meaning as
+the zoo's ``vgg*_bn``): each block is one resolution; ``block1`` (``block1'`` in the
+levels that keep only conv1_1) is the stem, blocks 2-5 (or their compressed ``_c``
+forms) are stages 1-4. ``feat.k`` is the block's last ReLU output *before* its pool
+(``block3.relu3_4`` in vgg19, ``block3_c.relu3_c`` in svgg5), ``preact.k`` that
+ReLU's input, ``pooled`` the flattened last map (the head's input, 512·w·(S/32)²).
+So every level has the same points at the same shapes as vgg19 (at 32×32, width 1:
+feat.0 64×32×32, feat.1 128×16×16, feat.2 256×8×8, feat.3 512×4×4, feat.4 512×2×2,
+pooled 512; at 96×96 each map is 3× larger and pooled 4608). FitNet's hint layer of
+the Pyramid study, conv4_2, is not a stage output; the ``fitnet`` scheme taps it by
+module path (``points["hint"]``).
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ import torch
 from torch import nn
 
 from pyramidkd.engine import Model, between, hookimpl, positive
-from pyramidkd.plugins.models.vgg import POOL, conv_layers, feature_size, init_weights, make_head, scaled
+from pyramidkd.plugins.models.vgg import POOL, contract_points, conv_layers, feature_size, init_weights, make_head, scaled
 
 NUM_POOLS = 5
 HEAD_3FC, HEAD_1FC = "head", "head1"
@@ -155,22 +167,30 @@ def _keep_published_gain(head: nn.Module) -> None:
             layer.weight.mul_(math.sqrt(fan_in / layer.in_features))
 
 
-class PyramidNet(nn.Module):
-    """``block*`` modules in order -> flatten -> ``head`` / ``head1``."""
+class PyramidNet(nn.Sequential):
+    """``block*`` modules in order -> flatten -> ``head`` / ``head1``.
 
-    def __init__(self, blocks: "OrderedDict[str, nn.Module]", head_name: str, head: nn.Module):
-        super().__init__()
+    A ``Sequential`` (so ``torch.jit.script`` compiles it) whose children keep the
+    block names: state-dict keys read ``block4.conv4_2.weight``."""
+
+    def __init__(self, blocks: "OrderedDict[str, nn.Module]", head_name: str, head: nn.Module, points: dict[str, str]):
+        super().__init__(OrderedDict([*blocks.items(), (head_name, head)]))
         self.block_names = list(blocks)
-        for name, block in blocks.items():
-            self.add_module(name, block)
         self.head_name = head_name
-        self.add_module(head_name, head)
+        self.num_blocks = len(blocks)
+        self.points = dict(points)
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-        return getattr(self, self.head_name)(x.flatten(1))
+        for index, module in enumerate(self):
+            if index == self.num_blocks:  # the head takes the flattened last map
+                x = x.flatten(1)
+            x = module(x)
+        return x
+
+    def tap_points(self) -> dict[str, str]:
+        """The tap contract's points (see the module docstring)."""
+        return dict(self.points)
 
 
 @attrs.define
@@ -217,11 +237,17 @@ class PyramidModel(Model):
         hidden = [scaled(h, p.width) for h in HEAD_HIDDEN]
         kind = "3fc" if self.head == HEAD_3FC else "1fc"
         head = make_head(kind, channels * size * width_size, num_classes, hidden, p.dropout)
-        model = PyramidNet(modules, self.head, head)
+        model = PyramidNet(modules, self.head, head, self.contract_points())
         if p.init == "kaiming":
             init_weights(model)
             _keep_published_gain(head)
         return model
+
+    @classmethod
+    def contract_points(cls) -> dict[str, str]:
+        """Tap name -> module path (the tap contract): block1 (or block1') is the stem,
+        every later block a stage; a block's point is its last ReLU."""
+        return contract_points([f"{spec.module}.relu{spec.convs[-1]}" for spec in cls.block_specs], f"{cls.head}:input")
 
     # -- helpers for schemes ---------------------------------------------------
     @classmethod

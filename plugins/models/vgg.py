@@ -3,6 +3,15 @@
 Every model takes ``width`` (channel multiplier) and adapts its head to the input
 size, so tests and CPU recipes can run small versions of the published models.
 The building blocks here are shared by the Pyramid family (VGG19 and SVGGs).
+
+Tap points (``tap_points()``, the contract of :mod:`pyramidkd.plugins.models.zoo_common`):
+a *conv group* is a run of convolutions between two max-pools, i.e. one resolution.
+The first group is the stem, each later group a stage, as in the zoo's ``vgg*_bn``:
+``feat.0`` is the stem group's last ReLU output (full resolution), ``feat.k`` the
+k-th later group's last ReLU output, taken *before* the pool that follows it,
+``preact.k`` that ReLU's input (the conv output, or its BN's), and ``pooled`` the
+classifier's input (the flattened last map). A group's last ReLU is therefore not
+in-place (an in-place one would overwrite the pre-activation); the others are.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ def conv_layers(config: Sequence[int | str], in_channels: int, width: float, bat
     """Layers for a VGG config; returns (layers, out_channels, number of pools)."""
     layers: list[nn.Module] = []
     pools = 0
-    for item in config:
+    for index, item in enumerate(config):
         if item == POOL:
             layers.append(nn.MaxPool2d(2, 2))
             pools += 1
@@ -40,9 +49,29 @@ def conv_layers(config: Sequence[int | str], in_channels: int, width: float, bat
         layers.append(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm2d(out_channels))
-        layers.append(nn.ReLU(inplace=True))
+        ends_group = index + 1 == len(config) or config[index + 1] == POOL
+        layers.append(nn.ReLU(inplace=not ends_group))  # a group's output: its input is the tapped preact
         in_channels = out_channels
     return layers, in_channels, pools
+
+
+def group_ends(layers: Sequence[nn.Module]) -> list[int]:
+    """Indices of each conv group's last ReLU (a group: the convs between two pools)."""
+    ends = []
+    for index, layer in enumerate(layers):
+        following = layers[index + 1] if index + 1 < len(layers) else None
+        if isinstance(layer, nn.ReLU) and not isinstance(following, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)):
+            ends.append(index)
+    return ends
+
+
+def contract_points(group_paths: Sequence[str], pooled: str) -> dict[str, str]:
+    """Tap points from the module paths of each conv group's last ReLU (stem first)."""
+    points = {"feat.0": group_paths[0]} if group_paths else {}
+    points.update({f"feat.{k}": path for k, path in enumerate(group_paths[1:], start=1)})
+    points.update({f"preact.{k}": f"{path}:input" for k, path in enumerate(group_paths[1:], start=1)})
+    points["pooled"] = pooled
+    return points
 
 
 def feature_size(image_size: int, pools: int, model_name: str) -> int:
@@ -92,9 +121,15 @@ class VGGNet(nn.Module):
         super().__init__()
         self.features = features
         self.classifier = classifier
+        groups = [f"features.{index}" for index in group_ends(list(features))]
+        self.points = contract_points(groups, "classifier:input")
 
     def forward(self, images):
         return self.classifier(self.features(images).flatten(1))
+
+    def tap_points(self) -> dict[str, str]:
+        """The tap contract's points (see the module docstring)."""
+        return dict(self.points)
 
 
 def _check_config(instance, attribute, value):

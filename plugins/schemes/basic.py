@@ -1,10 +1,16 @@
-"""``scratch`` (cross-entropy only) and ``kd`` (one teacher -> one student)."""
+"""``scratch`` (cross-entropy only) and ``kd`` (one teacher -> one student).
+
+``kd`` runs any loss on any pair of models: the stage taps exactly what its loss
+declares (``Loss.student_taps()`` / ``teacher_taps()``, e.g. ``feat.*``), resolved
+through each model's ``tap_points()``; a logit-only loss (``kd``, ``ce``) taps
+nothing, so its stage registers no forward hook.
+"""
 
 from __future__ import annotations
 
 import attrs
 
-from pyramidkd.engine import Scheme, StagePlan, hookimpl
+from pyramidkd.engine import Scheme, StagePlan, hookimpl, loss_taps
 
 
 @attrs.define
@@ -25,7 +31,7 @@ class ScratchScheme(Scheme):
 
 
 @attrs.define
-class KDParams:
+class KDSchemeParams:
     teacher: str = attrs.field(metadata={"help": 'an earlier stage id, e.g. "teacher", or a checkpoint file (.pt)'})
     init_from: str = attrs.field(default="", metadata={"help": "a stage id or .pt file whose matching layers initialise the student"})
 
@@ -34,12 +40,13 @@ class KDScheme(Scheme):
     """Distil one teacher into one student (loss default ``kd``: Hinton KD + CE)."""
 
     name = "kd"
-    Params = KDParams
+    Params = KDSchemeParams
 
     def plan(self, entry, context):
         teacher = context.model_source(self.params.teacher, f"{entry.key}.scheme.teacher")
         loss = entry.loss or context.component("loss", "kd", key=f"{entry.key}.loss")
         init = context.model_source(self.params.init_from, f"{entry.key}.scheme.init_from") if self.params.init_from else None
+        student_taps, teacher_taps = loss_taps(loss)
         return [
             StagePlan(
                 id=entry.id,
@@ -48,6 +55,8 @@ class KDScheme(Scheme):
                 train=context.train(entry),
                 teachers=[teacher],
                 init_from=init,
+                student_taps=student_taps,
+                teacher_taps=teacher_taps,
             )
         ]
 

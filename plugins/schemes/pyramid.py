@@ -177,12 +177,13 @@ def check_levels(levels: list[str], allowed: tuple[str, ...], entry, scheme: str
 def stage1_loss_spec(context, entry, params):
     value = params.stage1_loss
     key = f"{entry.key}.scheme.stage1_loss"
-    if isinstance(value, str):
-        return context.component("loss", value, {}, key)
-    value = dict(value)
+    value = {"name": value} if isinstance(value, str) else dict(value)
     if "name" not in value:
         raise RecipeError("required key is missing", key=f"{key}.name", fix='add name = "mse" (or "gram", "hint")')
-    return context.component("loss", value.pop("name"), value, key)
+    name = value.pop("name")
+    if name == "hint":  # a hint stage taps the layers it matches as "out" (not the contract's feat.2)
+        value.setdefault("hint_layer", "out")
+    return context.component("loss", name, value, key)
 
 
 def stage1_train(context, entry, params):
