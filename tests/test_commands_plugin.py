@@ -92,8 +92,8 @@ def test_plugins_lists_the_commands_each_plugin_adds(cli):
     rows = {row["name"]: row for row in json.loads(cli("plugins", "--json").out)}
     builtin = rows["pyramidkd.engine.commands.builtin"]
     assert builtin["source"] == "builtin"
-    assert builtin["components"] == {"command": ["run", "sweep", "validate", "models", "bench-models", "plugins", "report",
-                                                      "save-weights", "convert-checkpoint"]}
+    assert builtin["components"] == {"command": ["run", "sweep", "search", "validate", "models", "bench-models", "plugins", "report",
+                                                      "save-weights", "convert-checkpoint", "export"]}
     assert "pyramidkd_register_commands" in builtin["hooks"]
 
 

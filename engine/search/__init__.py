@@ -1,0 +1,1 @@
+"""``pyramidkd search``: hyperparameter search with Optuna on top of the sweep launchers."""
