@@ -104,3 +104,17 @@ def test_the_command_prints_the_error_and_the_example_dry_runs(tmp_path, cli):
     assert result.code == 0, result.err
     assert "selects on best_val_acc of stage 'student-kd'" in result.out and "stages.student-kd.loss.alpha" in result.out
     assert not (tmp_path / "qs").exists()  # a dry run writes nothing
+
+
+def test_validate_checks_a_search_file(cli, tmp_path):
+    """`pyramidkd validate SEARCH.toml` runs the search's checks, like `search --dry-run`."""
+    from conftest import RECIPES
+
+    checked = cli("validate", RECIPES / "quickstart-search.toml")
+    assert checked.code == 0, checked.err
+    assert "quickstart-search.toml: ok" in checked.out and "stages.student-kd.loss.temperature" in checked.out
+    bad = tmp_path / "bad.toml"
+    bad.write_text((RECIPES / "quickstart-search.toml").read_text().replace('"best_val_acc"', '"test_acc"')
+                   .replace('recipe = "quickstart.toml"', f'recipe = "{RECIPES / "quickstart.toml"}"'))
+    refused = cli("validate", bad)
+    assert refused.code == 1 and "search.metric" in refused.err

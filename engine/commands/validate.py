@@ -1,4 +1,4 @@
-"""``pyramidkd validate RECIPE``: every check short of training."""
+"""``pyramidkd validate RECIPE``: every check short of training (of a recipe, a sweep or a search file)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def execute(args: argparse.Namespace) -> int:
         from ..sweeps.sweep import validate_sweep
 
         print(validate_sweep(args.recipe, args.overrides))
+        return 0
+    if "search" in read_toml(args.recipe):  # a search file: its recipe at both ends of every range
+        from ..search.search import describe, plan_search
+
+        print(f"{args.recipe}: ok\n{describe(plan_search(args.recipe))}")
         return 0
     prepared = prepare(args.recipe, args.overrides)
     prepared.dataset.instantiate().check(dataset_context(prepared.recipe))
