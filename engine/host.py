@@ -35,7 +35,7 @@ def builtin_plugin_modules() -> list[str]:
 
 
 def _package_version() -> str:
-    from pyramidkd import __version__
+    from pyramidkd._version import __version__
 
     return __version__
 

@@ -191,7 +191,7 @@ class RunDirectory:
 
     def write_manifest(self, *, seed: int, device: str, recipe_file: str, started: float, finished: float | None, argv: list[str],
                        world_size: int = 1) -> None:
-        from pyramidkd import __version__
+        from pyramidkd._version import __version__
 
         manifest = {
             "pyramidkd_version": __version__,

@@ -116,7 +116,7 @@ def plugin_rows(host) -> list[dict]:
 
 
 def _version() -> str:
-    from pyramidkd import __version__
+    from pyramidkd._version import __version__
 
     return __version__
 

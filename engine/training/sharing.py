@@ -88,7 +88,8 @@ def run_preprocessing(directory: RunDirectory, checkpoint: dict) -> dict[str, An
             info.update({"mean": [float(v) for v in stats[0]], "std": [float(v) for v in stats[1]]})
     if checkpoint.get("class_names"):
         info["class_names"] = list(checkpoint["class_names"])
-    info.update(checkpoint.get("preprocessing") or {})  # what the run recorded beats what the recipe implies
+    # what the run recorded (engine/deploy/preprocessing.py) beats what the recipe implies
+    info.update({k: v for k, v in (checkpoint.get("preprocessing") or {}).items() if v is not None})
     return info
 
 
