@@ -189,6 +189,9 @@ class Loss(Component, nn.Module):
     epoch: int = 1  # the 1-based epoch being trained, set through start_epoch()
     needs_indices: bool = False  # True: the loop calls start_batch(indices) before each training forward
     teacher_batch_statistics: ClassVar[bool] = False  # True: teachers' BN on batch statistics while training
+    # Buffer-name prefixes this loss keeps consistent across ranks itself (CRD's memory
+    # bank, updated from gathered rows): DDP does not broadcast them from rank 0 each step.
+    rank_local_buffers: ClassVar[tuple[str, ...]] = ()
     batch_indices: torch.Tensor | None = None  # the current training batch's dataset indices (start_batch)
 
     def __init__(self, params: Any = None):

@@ -12,6 +12,11 @@ Both give the loop the same training interface: ``plan``, ``len`` (steps per epo
 its augmentation) from the stage's generator at once and returns the batches after
 the first ``skip`` — so a resumed epoch that resets the generator to the epoch's
 start replays the same batches.
+
+Made with ``indices=True`` (the loop asks when its loss has ``needs_indices``), the
+training batches are ``(images, targets, indices)``: each sample's position in the
+training split (int64), the same on both pipelines for the same generator; without
+it they are ``(images, targets)`` and nothing extra is gathered.
 """
 
 from __future__ import annotations
@@ -31,14 +36,16 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def make_loader(dataset, settings, world: World, device: torch.device, *, train: bool,
-                generator: torch.Generator | None = None, augmentation: Augmentation | None = None):
+                generator: torch.Generator | None = None, augmentation: Augmentation | None = None,
+                indices: bool = False):
     """``settings`` is the stage's ``TrainSection``; ``generator`` shuffles (training
-    only); ``augmentation`` applies to tensor training batches. A ``TensorSplit``
-    takes the tensor pipeline unless the stage says ``pipeline = "dataloader"``."""
+    only); ``augmentation`` applies to tensor training batches; ``indices``: training
+    batches end with the samples' indices. A ``TensorSplit`` takes the tensor
+    pipeline unless the stage says ``pipeline = "dataloader"``."""
     batch_size = settings.batch_size if train else settings.eval_batch_size
     if isinstance(dataset, TensorSplit) and settings.pipeline != "dataloader":
         return TensorBatches(dataset, batch_size, world, device, generator=generator if train else None,
-                             augmentation=augmentation if train else None)
+                             augmentation=augmentation if train else None, indices=train and indices)
     workers = settings.num_workers
     options = dict(
         num_workers=workers,
@@ -48,7 +55,8 @@ def make_loader(dataset, settings, world: World, device: torch.device, *, train:
     )
     if train:
         sampler = GlobalBatchSampler(len(dataset), batch_size, generator, world)
-        return LoaderBatches(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=generator, **options))
+        return LoaderBatches(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=generator, **options),
+                             indices=indices)
     sampler = PlanSampler(BatchPlan(len(dataset), batch_size, world))
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **options)
 
@@ -60,6 +68,7 @@ class PlanSampler(torch.utils.data.Sampler):
     def __init__(self, plan: BatchPlan, generator: torch.Generator | None = None):
         self.plan, self.generator = plan, generator
         self.epoch = 0
+        self.drawn: collections.deque[list[int]] | None = None  # LoaderBatches(indices=True): batches handed out
 
     def set_epoch(self, epoch: int) -> None:
         # The order comes from the stage's generator (saved in checkpoints),
@@ -73,7 +82,10 @@ class PlanSampler(torch.utils.data.Sampler):
         order = self.plan.epoch_order(self.generator)
         indices = order.tolist() if order is not None else range(self.plan.size)
         for first, last in self.plan.rank_slices():
-            yield list(indices[first:last])
+            batch = list(indices[first:last])
+            if self.drawn is not None:
+                self.drawn.append(batch)
+            yield batch
 
 
 class GlobalBatchSampler(PlanSampler):
@@ -88,11 +100,16 @@ class GlobalBatchSampler(PlanSampler):
 
 
 class LoaderBatches:
-    """A training ``DataLoader`` (over a :class:`GlobalBatchSampler`) behind the loop's interface."""
+    """A training ``DataLoader`` (over a :class:`GlobalBatchSampler`) behind the loop's interface.
 
-    def __init__(self, loader: torch.utils.data.DataLoader):
+    ``indices``: the sampler records each batch of indices it hands out and the
+    batches, which a ``DataLoader`` returns in the sampler's order (workers and
+    prefetching included), take them in that order."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, *, indices: bool = False):
         self.loader = loader
         self.plan: BatchPlan = loader.batch_sampler.plan
+        self.indices = indices
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
@@ -101,11 +118,22 @@ class LoaderBatches:
         self.loader.batch_sampler.set_epoch(epoch)
 
     def epoch(self, skip: int = 0) -> Iterator[Batch]:
+        sampler = self.loader.batch_sampler
+        sampler.drawn = collections.deque() if self.indices else None
         batches = iter(self.loader)
         # Skip now, not lazily: the skipped samples' per-sample transforms draw from
         # the global RNG, which the caller restores right after this call.
         collections.deque(itertools.islice(batches, skip), maxlen=0)
-        return batches
+        if not self.indices:
+            return batches
+        for _ in range(skip):
+            sampler.drawn.popleft()
+        return self._with_indices(batches, sampler.drawn)
+
+    @staticmethod
+    def _with_indices(batches, drawn: collections.deque) -> Iterator[tuple[torch.Tensor, ...]]:
+        for images, targets in batches:
+            yield images, targets, torch.tensor(drawn.popleft(), dtype=torch.long)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch()
@@ -124,8 +152,10 @@ class TensorBatches:
     """
 
     def __init__(self, split: TensorSplit, batch_size: int, world: World, device: torch.device, *,
-                 generator: torch.Generator | None = None, augmentation: Augmentation | None = None):
+                 generator: torch.Generator | None = None, augmentation: Augmentation | None = None,
+                 indices: bool = False):
         self.split, self.device = split, resolve_device(device, world)
+        self.indices = indices
         self.plan = BatchPlan(len(split), batch_size, world, shuffle=generator is not None)
         self.generator = generator
         self.augmentation = augmentation if generator is not None and augmentation is not None and augmentation.active else None
@@ -171,7 +201,10 @@ class TensorBatches:
             labels = self._to_device(self.labels.index_select(0, indices))
             if self.augmenter is not None:
                 images = self.augmenter(images, offsets[first:last], flips[first:last])
-            yield self.normalizer(images), labels
+            if self.indices:
+                yield self.normalizer(images), labels, self._to_device(indices)
+            else:
+                yield self.normalizer(images), labels
 
     def _evaluation_batches(self) -> Iterator[Batch]:
         for first, last in self.plan.rank_slices():

@@ -39,7 +39,7 @@ from ..data.plan import BatchPlan
 from ..distributed import all_gather_tensors, all_reduce_sum
 from ..records import EpochRecord, StageResult, TeacherRef, TestRecord
 from .checkpoints import last_checkpoint, model_checkpoint, restore_state, save_checkpoint
-from .evaluate import autocast_context, evaluate, stage_loss
+from .evaluate import autocast_context, best_test_acc, evaluate, stage_loss
 from .models import count_macs, count_parameters, training_macs
 from .optim import step_scheduler
 from .rng import restore_rng_states, rng_states
@@ -110,25 +110,27 @@ class StageRunner:
 
     def loader(self, dataset, *, train: bool, generator: torch.Generator | None = None):
         """Training batches (:class:`~pyramidkd.engine.data.batches.TensorBatches` or
-        :class:`~pyramidkd.engine.data.batches.LoaderBatches`) or evaluation batches of
-        ``dataset``, on the run's pipeline."""
+        :class:`~pyramidkd.engine.data.batches.LoaderBatches`, with indices for a loss with ``needs_indices``)
+        or evaluation batches of ``dataset``, on the run's pipeline."""
         augmentation = getattr(self.run.data, "augmentation", None) if train else None
         return make_loader(dataset, self.stage.train, self.run.world, self.device, train=train, generator=generator,
-                           augmentation=augmentation)
+                           augmentation=augmentation, indices=train and bool(getattr(self.state.loss_fn, "needs_indices", False)))
 
     # -- epochs ----------------------------------------------------------------
     def train(self, progress: Progress) -> None:
         run, stage = self.run, self.stage
         train_loader = self.loader(run.data.train, train=True, generator=self.state.generator)
         val_loader = self.loader(run.data.val, train=False)
+        test_loader = self.loader(run.data.test, train=False) if stage.train.test_every_epoch else None
         self.batch_plan = train_loader.plan
         for epoch in range(progress.epoch + 1, stage.train.epochs + 1):
             self.state.loss_fn.start_epoch(epoch)  # also the first epoch after a resume: warm-ups stay exact
             epoch_started = time.time()
-            train_loss, train_acc = self.train_epoch(epoch, train_loader, progress)
+            with self.state.teachers_in_training_mode():  # batch statistics where the loss asks (ofd)
+                train_loss, train_acc = self.train_epoch(epoch, train_loader, progress)
             train_time = time.time() - epoch_started
             record = self.validate_epoch(epoch, val_loader, progress, train_loss=train_loss, train_acc=train_acc,
-                                         train_time=train_time, epoch_started=epoch_started)
+                                         train_time=train_time, epoch_started=epoch_started, test_loader=test_loader)
             progress.history.append(record)
             progress.end_epoch(epoch)
             # `last` first, then the hooks: a crash after this point loses nothing.
@@ -137,7 +139,7 @@ class StageRunner:
             run.call("pyramidkd_metrics", stage=stage, record=record)
 
     def validate_epoch(self, epoch: int, loader, progress: Progress, *, train_loss: float, train_acc: float,
-                       train_time: float, epoch_started: float) -> EpochRecord:
+                       train_time: float, epoch_started: float, test_loader=None) -> EpochRecord:
         """Validate, step the schedule, keep the best epoch; the epoch's record."""
         stage, state, settings = self.stage, self.state, self.stage.train
         val_loss, val_acc = evaluate(state.student, loader, self.device, precision=settings.precision, world=self.run.world,
@@ -157,6 +159,9 @@ class StageRunner:
             best_val_acc=progress.best_val_acc, best_epoch=progress.best_epoch, lr=lr,
             skipped_batches=progress.skipped_batches, train_time_s=round(train_time, 4),
             epoch_time_s=round(time.time() - epoch_started, 4),
+            test_acc=None if test_loader is None else evaluate(  # the final test's pass, on this epoch's model
+                state.student, test_loader, self.device, precision=settings.precision, world=self.run.world,
+                prepare=state.prepare_images)[1],
         )
 
     # -- steps -----------------------------------------------------------------
@@ -173,9 +178,10 @@ class StageRunner:
         totals = torch.tensor([progress.loss_sum, progress.correct, progress.seen], dtype=torch.float64, device=self.device)
         checks = StepChecks(self.run.world, self.device, self.stop, self.stage, self.checkpoint_path("last"))
         step = progress.step
-        for step, (images, targets) in enumerate(self.epoch_batches(epoch, loader, progress), start=progress.step + 1):
+        for step, (images, targets, *indices) in enumerate(self.epoch_batches(epoch, loader, progress), start=progress.step + 1):
             images = state.prepare_images(images.to(self.device, non_blocking=True))
             targets = targets.to(self.device, non_blocking=True)
+            state.start_batch(indices, self.device)  # the samples' indices, for a loss with needs_indices
             with autocast_context(self.device, self.stage.train.precision):
                 student_out = state.student_tap(images)
                 loss = state.loss_fn(student_out, state.teacher_outputs(images), targets)
@@ -280,7 +286,7 @@ class StageRunner:
             last_val_acc=progress.history[-1].val_acc if progress.history else None,
             test_acc=test_acc,
             test_loss=test_loss,
-            teachers=tuple(self.describe_source(source) for source in stage.teachers),
+            teachers=tuple(describe_source(run, source) for source in stage.teachers),
             inherited_tensors=len(state.inherited),
             reference_test_acc=run.reference_for(stage),
             info=stage.info,
@@ -289,18 +295,21 @@ class StageRunner:
             fingerprint=self.fingerprint,
             macs=macs,
             train_macs=training_macs(macs, teacher_macs, len(run.data.train), stage.train.epochs),
+            best_test_acc=best_test_acc(progress.history),
         )
         record = TestRecord(stage=stage.id, entry=stage.entry_id, epoch=progress.best_epoch, val_acc=progress.best_val_acc,
                             test_acc=test_acc, test_loss=test_loss)
         run.call("pyramidkd_metrics", stage=stage, record=record)
         return result
 
-    def describe_source(self, source: ModelSource) -> TeacherRef:
-        if isinstance(source, StageOutput):
-            earlier = self.run.results.get(source.stage_id)
-            return TeacherRef(stage=source.stage_id, model=earlier.model if earlier else None,
-                              test_acc=earlier.test_acc if earlier else None)
-        return TeacherRef(file=source.path)
+
+def describe_source(run, source: ModelSource) -> TeacherRef:
+    """A teacher as a stage's result names it: an earlier stage of ``run`` (its model and test accuracy), or a file."""
+    if isinstance(source, StageOutput):
+        earlier = run.results.get(source.stage_id)
+        return TeacherRef(stage=source.stage_id, model=earlier.model if earlier else None,
+                          test_acc=earlier.test_acc if earlier else None)
+    return TeacherRef(file=source.path)
 
 
 def every_ranks_cuda_rng_state(world) -> list[torch.Tensor] | None:

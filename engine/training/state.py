@@ -5,13 +5,16 @@ saving both in ``last`` and restoring them is :mod:`.checkpoints`' work."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+from typing import Any, Iterator
 
 import attrs
 import torch
 from torch import nn
 
 from ..components import Loss, ModelOutput, ModelSource, StageOutput, StagePlan
+from ..data.pipeline import split_labels
 from ..distributed import sync_batchnorm
 from ..errors import RecipeError
 from .checkpoints import load_checkpoint
@@ -49,6 +52,35 @@ class StageState:
         normal tensors so losses may save them for backward."""
         return teacher_outputs(self.teacher_taps, images)
 
+    def start_batch(self, indices: list[torch.Tensor], device: torch.device) -> None:
+        """Give the loss the batch's dataset indices (``indices``: ``[tensor]`` when the
+        batches carry them, i.e. the loss has ``needs_indices``; ``[]`` otherwise)."""
+        if indices:
+            self.loss_fn.start_batch(indices[0].to(device, non_blocking=True))
+
+    @contextlib.contextmanager
+    def teachers_in_training_mode(self) -> Iterator[None]:
+        """While training, a loss with ``teacher_batch_statistics`` (ofd, as its reference)
+        gets teachers whose BatchNorm layers normalise with the batch's statistics:
+        train mode with ``track_running_stats`` off, so their running statistics (and
+        ``num_batches_tracked``) stay as loaded — nothing for resume to save, and a
+        teacher shared with later stages unchanged. Everything else in the teachers
+        (dropout) stays in eval mode; on leaving, eval mode again (validation, test)."""
+        norms = [m for tap in self.teacher_taps for m in tap.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not self.loss_fn.teacher_batch_statistics or not norms:
+            yield
+            return
+        tracked = [m.track_running_stats for m in norms]
+        try:
+            for module in norms:
+                module.train()
+                module.track_running_stats = False
+            yield
+        finally:
+            for module, track in zip(norms, tracked):
+                module.track_running_stats = track
+                module.eval()
+
     def keep_best(self) -> dict[str, torch.Tensor]:
         self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
         return self.best_state
@@ -78,6 +110,14 @@ def load_source(run, source: ModelSource) -> tuple[dict, str]:
     """The checkpoint behind a teacher or ``init_from``: an earlier stage's best, or a file."""
     path = run.directory.checkpoint(source.stage_id, "best") if isinstance(source, StageOutput) else source.path
     return load_checkpoint(path), path
+
+
+def saved_loss_state(run, source: ModelSource) -> dict | None:
+    """The loss state an earlier stage of this run saved in its ``last`` checkpoint (``None`` for a file)."""
+    if not isinstance(source, StageOutput):
+        return None
+    path = run.directory.checkpoint(source.stage_id, "last")
+    return load_checkpoint(path).get("loss_state") if os.path.exists(path) else None
 
 
 def load_teacher(run, source: ModelSource, cache: dict) -> nn.Module:
@@ -119,8 +159,13 @@ def build_stage_state(run, stage: StagePlan, teacher_cache: dict) -> StageState:
     student_tap = TapRecorder(student, stage.student_taps, role="student", stage_id=stage.id)
     teacher_taps = [TapRecorder(t, stage.teacher_taps, role="teacher", stage_id=stage.id) for t in teachers]
     generator = torch.Generator().manual_seed(seed)
+    if type(loss_fn).setup_data is not Loss.setup_data:  # e.g. crd's memory bank, one row per training sample
+        loss_fn.setup_data(len(run.data.train), split_labels(run.data.train))
+        loss_fn.to(device)
     if type(loss_fn).setup is not Loss.setup:  # shape-dependent loss parameters
         _setup_loss(loss_fn, student_tap, teacher_taps, settings.channels_last, run.data.train, device)
+    if stage.init_from is not None and type(loss_fn).inherit_state is not Loss.inherit_state:  # e.g. ft's paraphraser
+        loss_fn.inherit_state(saved_loss_state(run, stage.init_from))
     trainable = _trainable_parameters(student, loss_fn, stage)
     student_tap.forward = _student_forward(run, student, loss_fn, settings.compile)
     if settings.compile:
@@ -162,8 +207,13 @@ def _student_forward(run, student: nn.Module, loss_fn: Loss, compile_: bool):
     forward = student
     if run.world.distributed:
         device = run.device
+        wrapped = StudentAndLoss(student, loss_fn)
+        local = [f"loss_fn.{name}" for name, _ in loss_fn.named_buffers()
+                 if any(name == p or name.startswith(p + ".") for p in loss_fn.rank_local_buffers)]
+        if local:  # e.g. CRD's banks (51 MB on CIFAR-100): not re-broadcast on every forward
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapped, local)
         forward = torch.nn.parallel.DistributedDataParallel(
-            StudentAndLoss(student, loss_fn), device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(forward) if compile_ else forward
 
 

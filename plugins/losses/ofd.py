@@ -30,8 +30,9 @@ parameters leave out.)
 
 Teacher mode. The reference trains with the teacher in train mode (its ``train()``
 override), so the teacher's BN layers normalise with batch statistics. ``ofd`` asks for
-that through ``teacher_batch_statistics = True``; where the training loop does not
-honour it the teacher runs in eval mode (running statistics), like every other loss.
+that through ``teacher_batch_statistics = True``, and the training loop honours it: while
+training, the teachers' BatchNorm layers use batch statistics and leave their running
+statistics untouched; validation and test run them in eval mode.
 """
 
 from __future__ import annotations
