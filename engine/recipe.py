@@ -10,7 +10,6 @@ validates them with each component's ``Params`` class.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -18,9 +17,9 @@ from typing import Any
 
 import attrs
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean
 from .settings import ExperimentSection, OptimizerSection, SchedulerSection, TrainSection  # noqa: F401  (re-exported)
-from .validation import Structurer
+from .validation import ErrorList, Structurer
 
 
 @attrs.define
@@ -52,11 +51,13 @@ class Recipe:
     data: dict[str, Any]  # the resolved TOML data (overrides applied)
     experiment: ExperimentSection
     train: TrainSection  # [train], validated
-    dataset: RawComponent
+    dataset: RawComponent | None  # None only with problems deferred
     stages: list[StageSection]
     loggers: list[RawComponent]
     reference: dict[str, float]
     overridden: set[str]
+    # Errors left for the planner to raise with the components' own (load_recipe(defer_errors=True)).
+    problems: list[RecipeError] = attrs.field(factory=list)
 
     @property
     def directory(self) -> str:
@@ -195,60 +196,69 @@ def _list_index(node: list, part: str | int, where: str, file: str, text: str) -
         if isinstance(item, dict) and item.get("id") == part:
             return index
     ids = [str(item.get("id")) for item in node if isinstance(item, dict)]
-    close = difflib.get_close_matches(str(part), ids, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint = did_you_mean(part, ids)
     raise RecipeError(f"--set {text}: no entry with id {part!r}; ids: {', '.join(ids)}", file=file, key=where, fix=f"{hint}use one of the ids or an index")
 
 
 # --- step one: host keys --------------------------------------------------------
 
 
-def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = (), *, defer_errors: bool = False) -> Recipe:
+    """Read, override and validate a recipe. Every independent error of the file is
+    raised at once; with ``defer_errors`` they are left in :attr:`Recipe.problems`
+    (when the recipe is still usable), for the planner to raise with the components' own."""
     data = read_toml(path)
     overridden = apply_overrides(data, list(overrides), path)
-    return parse_recipe(data, path, overridden)
+    return parse_recipe(data, path, overridden, defer_errors=defer_errors)
 
 
-def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = None) -> Recipe:
+def parse_recipe(data: dict[str, Any], file: str, overridden: set[str] | None = None, *, defer_errors: bool = False) -> Recipe:
     structurer = Structurer(file, overridden or set())
-    for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
-            hint = f"did you mean [{close[0]}]? " if close else ""
-            raise structurer.error(key, f"unknown section {key!r}; valid sections: {', '.join(TOP_LEVEL_KEYS)}", f"{hint}remove or rename it")
-    experiment = structurer.structure(ExperimentSection, data.get("experiment", {}), "experiment")
-    train = structurer.structure(TrainSection, data.get("train", {}), "train")
+    errors = ErrorList()
+    for key in (key for key in data if key not in TOP_LEVEL_KEYS):
+        hint = did_you_mean(key, TOP_LEVEL_KEYS, "did you mean [{}]? ")
+        errors.errors.append(structurer.error(key, f"unknown section {key!r}; valid sections: {', '.join(TOP_LEVEL_KEYS)}", f"{hint}remove or rename it"))
+    experiment = errors.check(lambda: structurer.structure(ExperimentSection, data.get("experiment", {}), "experiment"))
+    train = errors.check(lambda: structurer.structure(TrainSection, data.get("train", {}), "train"))
+    dataset = None
     if "dataset" not in data:
-        raise structurer.error("dataset", "required section is missing", 'add [dataset] with name = "digits" (or another dataset plugin)')
-    dataset = _raw_component(structurer, data["dataset"], "dataset")
+        errors.errors.append(structurer.error("dataset", "required section is missing", 'add [dataset] with name = "digits" (or another dataset plugin)'))
+    else:
+        dataset = errors.check(lambda: _raw_component(structurer, data["dataset"], "dataset"))
+    stages = _parse_stages(structurer, data.get("stages"), train or TrainSection(), errors)
+    loggers = errors.check(lambda: _parse_loggers(structurer, data.get("loggers", DEFAULT_LOGGERS)), [])
+    reference = errors.check(lambda: structurer.convert(data.get("reference", {}), dict[str, float], "reference"), {})
+    # A broken [experiment] may name plugins not loaded: the components cannot be checked.
+    if errors.errors and not (defer_errors and experiment is not None and dataset is not None):
+        errors.raise_all()
+    return Recipe(file, data, experiment, train or TrainSection(), dataset, stages, loggers, reference, overridden or set(),
+                  errors.errors)
 
-    raw_stages = data.get("stages")
+
+def _parse_stages(structurer: Structurer, raw_stages: Any, train: TrainSection, errors: ErrorList) -> list[StageSection]:
+    """The ``[[stages]]`` tables that are valid; an error for each one that is not."""
     if raw_stages is None:
-        raise structurer.error("stages", "no stages: the recipe trains nothing", 'add at least one [[stages]] table with id = "..." and a [stages.scheme]')
+        errors.errors.append(structurer.error("stages", "no stages: the recipe trains nothing",
+                                              'add at least one [[stages]] table with id = "..." and a [stages.scheme]'))
+        return []
     if not isinstance(raw_stages, list) or not raw_stages:
-        raise structurer.error("stages", "expected one or more [[stages]] tables", "write each stage as [[stages]]")
+        errors.errors.append(structurer.error("stages", "expected one or more [[stages]] tables", "write each stage as [[stages]]"))
+        return []
     seen_ids: dict[str, int] = {}
-    stages = [_parse_stage(structurer, raw, index, train, seen_ids) for index, raw in enumerate(raw_stages)]
+    stages = [errors.check(lambda: _parse_stage(structurer, raw, index, train, seen_ids)) for index, raw in enumerate(raw_stages)]
+    return [stage for stage in stages if stage is not None]
 
-    raw_loggers = data.get("loggers", DEFAULT_LOGGERS)
+
+def _parse_loggers(structurer: Structurer, raw_loggers: Any) -> list[RawComponent]:
     if not isinstance(raw_loggers, list):
         raise structurer.error("loggers", f"expected a list, got {raw_loggers!r}", 'write loggers = ["console", "files"]')
-    loggers = [_raw_component(structurer, item, f"loggers[{i}]") for i, item in enumerate(raw_loggers)]
+    errors = ErrorList()
+    loggers = [errors.check(lambda: _raw_component(structurer, item, f"loggers[{i}]")) for i, item in enumerate(raw_loggers)]
+    errors.raise_all()
+    return loggers
 
-    reference = structurer.convert(data.get("reference", {}), dict[str, float], "reference")
-    return Recipe(file, data, experiment, train, dataset, stages, loggers, reference, overridden or set())
 
-
-def _parse_stage(structurer: Structurer, raw: Any, index: int, train: TrainSection, seen_ids: dict[str, int]) -> StageSection:
-    """One ``[[stages]]`` table: its keys, a unique id, and its ``[stages.train]`` over ``[train]``."""
-    key = f"stages[{index}]"
-    if not isinstance(raw, dict):
-        raise structurer.error(key, f"expected a table, got {raw!r}", "write each stage as [[stages]]")
-    for stage_key in raw:
-        if stage_key not in STAGE_KEYS:
-            close = difflib.get_close_matches(stage_key, STAGE_KEYS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise structurer.error(f"{key}.{stage_key}", f"unknown key {stage_key!r}; valid keys: {', '.join(STAGE_KEYS)}", f"{hint}scheme-specific keys go in [stages.scheme]")
+def _stage_id(structurer: Structurer, raw: dict, key: str, seen_ids: dict[str, int]) -> str:
     stage_id = raw.get("id")
     if stage_id is None:
         raise structurer.error(f"{key}.id", "required key is missing", 'give every stage a unique id, e.g. id = "teacher"')
@@ -256,23 +266,37 @@ def _parse_stage(structurer: Structurer, raw: Any, index: int, train: TrainSecti
         raise structurer.error(f"{key}.id", f"invalid stage id {stage_id!r}", "use letters, digits, '-', '_' or '.' (it names a folder)")
     if stage_id in seen_ids:
         raise structurer.error(f"{key}.id", f"duplicate stage id {stage_id!r} (also stages[{seen_ids[stage_id]}])", "give every stage a unique id")
-    seen_ids[stage_id] = index
+    return stage_id
+
+
+def _parse_stage(structurer: Structurer, raw: Any, index: int, train: TrainSection, seen_ids: dict[str, int]) -> StageSection:
+    """One ``[[stages]]`` table: its keys, a unique id, and its ``[stages.train]`` over ``[train]``;
+    every independent error of the table at once."""
+    key = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise structurer.error(key, f"expected a table, got {raw!r}", "write each stage as [[stages]]")
+    errors = ErrorList()
+    for stage_key in (k for k in raw if k not in STAGE_KEYS):
+        hint = did_you_mean(stage_key, STAGE_KEYS)
+        errors.errors.append(structurer.error(f"{key}.{stage_key}", f"unknown key {stage_key!r}; valid keys: {', '.join(STAGE_KEYS)}",
+                                              f"{hint}scheme-specific keys go in [stages.scheme]"))
+    stage_id = errors.check(lambda: _stage_id(structurer, raw, key, seen_ids))
+    if stage_id is not None:
+        seen_ids[stage_id] = index
     if "scheme" not in raw:
-        raise structurer.error(f"{key}.scheme", "required key is missing", 'add scheme = "scratch" (or "kd", ...) or a [stages.scheme] table')
+        errors.errors.append(structurer.error(f"{key}.scheme", "required key is missing",
+                                              'add scheme = "scratch" (or "kd", ...) or a [stages.scheme] table'))
     stage_train = raw.get("train", {})
     if not isinstance(stage_train, dict):
-        raise structurer.error(f"{key}.train", "expected a table", "write [stages.train] with the keys to override")
+        errors.errors.append(structurer.error(f"{key}.train", "expected a table", "write [stages.train] with the keys to override"))
+        stage_train = {}
     # Only the stage's own keys are checked here: [train] under them already was.
-    settings = structurer.evolve(train, stage_train, f"{key}.train")
-    return StageSection(
-        id=stage_id,
-        index=index,
-        scheme=_raw_component(structurer, raw["scheme"], f"{key}.scheme"),
-        model=_raw_component(structurer, raw["model"], f"{key}.model") if "model" in raw else None,
-        loss=_raw_component(structurer, raw["loss"], f"{key}.loss") if "loss" in raw else None,
-        train=settings,
-        train_overrides=stage_train,
-    )
+    settings = errors.check(lambda: structurer.evolve(train, stage_train, f"{key}.train"))
+    components = {part: errors.check(lambda: _raw_component(structurer, raw[part], f"{key}.{part}"))
+                  for part in ("scheme", "model", "loss") if part in raw}
+    errors.raise_all()
+    return StageSection(id=stage_id, index=index, scheme=components["scheme"], model=components.get("model"),
+                        loss=components.get("loss"), train=settings, train_overrides=stage_train)
 
 
 def _raw_component(structurer: Structurer, value: Any, key: str) -> RawComponent:
@@ -334,6 +358,11 @@ def _toml_key(key: str) -> str:
 def _toml_string(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
     return f'"{escaped}"'
+
+
+def format_toml_value(value: Any) -> str:
+    """``value`` written as TOML (``true``, ``"kd"``, ``[1, 2]``, ``{ a = 1 }``)."""
+    return _toml_value(value)
 
 
 def _toml_value(value: Any) -> str:

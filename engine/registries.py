@@ -9,13 +9,12 @@ the hook specifications that name it.
 
 from __future__ import annotations
 
-import difflib
 
 import attrs
 import pluggy
 
 from .components import COMPONENT_KINDS
-from .errors import PluginError, RecipeError, UserError
+from .errors import PluginError, RecipeError, UserError, did_you_mean
 
 REGISTRATION_HOOKS = {
     "scheme": "pyramidkd_register_schemes",
@@ -89,8 +88,7 @@ class Registry:
         except KeyError:
             pass
         known = self.names()
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(name, known)
         raise RecipeError(
             f"unknown {self.kind} {name!r}; available: {', '.join(known) or '(none)'}",
             file=file,

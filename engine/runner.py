@@ -38,7 +38,7 @@ def prepare(recipe_path: str, overrides: Sequence[str] = (), extra_plugins: Iter
     """Load a recipe, build its plugin host, and plan and check it
     (:func:`~pyramidkd.engine.planning.prepare_run`). ``max_epochs`` caps every
     stage's epochs (scheme-planned stages included)."""
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides, defer_errors=True)  # raised with the components' errors
     host = make_plugin_host(
         recipe.experiment.plugins,
         extra_plugins=extra_plugins,

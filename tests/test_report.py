@@ -205,7 +205,9 @@ def test_tensorboard_missing_is_a_clear_error(write_recipe, cli, monkeypatch):
     result = cli("validate", recipe)
     assert result.code == 1
     assert "loggers[1]" in result.err and "needs the tensorboard package" in result.err
-    assert "pip install 'pyramidkd[tensorboard]'" in result.err
+    from pyramidkd.engine import install_hint
+
+    assert install_hint("tensorboard") in result.err
     assert "Traceback" not in result.err
 
 
@@ -261,3 +263,50 @@ def test_a_metrics_line_cut_short_is_passed_over(single_run, tmp_path):
     assert read_metrics(str(path)) == whole
     report = build_report(str(copy))
     assert report["stages"][0]["curves"] and not report["notes"]
+
+
+def _chain_report_rows():
+    """A Pyramid chain as a run report lists it: each level's hint stage (head untrained, ~10 %) before it."""
+    rows = [{"stage": "teacher", "entry": "teacher", "num_parameters": 20_000_000, "test_acc_pct": 93.5}]
+    for level, params, acc in (("svgg17", 9_000_000, 93.1), ("svgg14", 8_500_000, 92.9), ("svgg11", 8_000_000, 92.8)):
+        rows.append({"stage": f"chain.{level}.hint", "entry": "chain", "num_parameters": params, "test_acc_pct": 10.0, "hint": True})
+        rows.append({"stage": f"chain.{level}", "entry": "chain", "num_parameters": params, "test_acc_pct": acc, "hint": False})
+    return {"experiment": "pyramid", "stages": rows}
+
+
+def test_accuracy_vs_params_draws_final_stages_with_labels_apart(tmp_path):
+    from pyramidkd.engine.reporting.plots import plot_accuracy_vs_params, save
+
+    drawing = plot_accuracy_vs_params(_chain_report_rows())
+    axes = drawing.axes[0]
+    chain = next(line for line in axes.get_lines() if line.get_label() == "chain")
+    assert list(chain.get_ydata()) == [93.1, 92.9, 92.8]  # no zig-zag through the hint stages' 10 %
+    labels = [text for text in axes.texts]
+    assert sorted(t.get_text() for t in labels) == ["chain.svgg11", "chain.svgg14", "chain.svgg17", "teacher"]
+    drawing.canvas.draw()
+    boxes = [text.get_window_extent() for text in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(text.get_fontsize() >= 9 for text in labels)
+    path = tmp_path / "plots" / "accuracy_vs_params.png"
+    path.parent.mkdir()
+    save(drawing, str(path))
+    assert is_png(path) and (tmp_path / "plots" / "accuracy_vs_params.pdf").read_bytes().startswith(b"%PDF")
+    assert axes.title.get_fontsize() == 12 and axes.xaxis.label.get_fontsize() == 11
+
+
+def test_a_hint_stage_row_is_labelled(chain_run):
+    from pyramidkd.engine.reporting.run_report import format_run_markdown
+
+    report = _chain_report_rows()
+    report.update(seed=0, run_dir=str(chain_run), accuracy_vs_params=None, notes=[])
+    for row in report["stages"]:
+        row.update(model="vgg", best_val_acc_pct=None, last_val_acc_pct=None, reference_test_acc_pct=None, difference_pct=None,
+                   curves=None, macs=None)
+    rows = table_rows(format_run_markdown(report))
+    assert "chain.svgg17.hint (hint stage: head untrained)" in rows and "chain.svgg17" in rows
+    assert "its classifier head is not trained" in format_run_markdown(report)
+
+
+def test_every_plot_has_a_pdf_beside_it(chain_run, chain_report):
+    for stage in ("teacher", "student", "student-b", "accuracy_vs_params"):
+        assert (chain_run / "plots" / f"{stage}.pdf").read_bytes().startswith(b"%PDF")

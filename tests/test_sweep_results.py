@@ -180,11 +180,14 @@ def test_results_files(sweep_dir, results):
 def test_console_table(results):
     lines = format_results(results).splitlines()
     assert lines[0] == "kd-temperature: 4 cells x seeds 0, 1, 2; 9 runs finished, 1 failed, 2 not finished"
-    table = {tuple(line.split()[:2]): line for line in lines[3:11]}
+    table = {tuple(line.split()[:2]): line for line in lines[3:8]}
     assert lines[1].split("  ")[0] == "cell" and "Δ vs t=4 (95% CI, p)" in lines[1]
     assert "74.33 ± 1.53" in table["t=2", "student"] and "+3.33 [-1.84, +8.50], p=0.109" in table["t=2", "student"]
-    assert "292.6k" in table["t=4", "teacher"] and "(baseline)" in table["t=4", "teacher"]
-    assert "+0.00 [+0.00, +0.00], p=1.000" in table["t=8", "teacher"]
+    # The teacher is the same in every cell: one row, marked shared, instead of +0.00 [+0.00, +0.00] per cell.
+    assert [key for key in table if key[1] == "teacher"] == [("(shared)", "teacher")]
+    shared = table["(shared)", "teacher"]
+    assert "292.6k" in shared and "82.00 ± 2.00" in shared and "(the same in every cell)" in shared and "(baseline)" in shared
+    assert "+0.00" not in format_results(results) and "(shared): a stage the grid does not change" in lines[8]
     assert "75.00  " in table["t=16", "student"] and "+5.00 (n=1)" in table["t=16", "student"]
     assert "cell t=8: seed 1 failed: RuntimeError: boom (log: logs/t=8/seed-1.log)" in lines
     assert "cell t=16: not finished: seed 1, 2" in lines
@@ -302,3 +305,17 @@ def test_a_damaged_state_file_is_one_clear_error_everywhere(tmp_path, cli, text)
         assert raised.value.file == str(folder / "sweep-state.json") and "delete sweep-state.json" in raised.value.fix
     result = cli("report", folder)
     assert result.code == 1 and "sweep-state.json" in result.err and "fix: delete sweep-state.json" in result.err
+
+
+def test_a_stage_is_shared_only_with_the_same_plan_and_results_in_every_cell():
+    from pyramidkd.engine.sweeps.results import shared_stages
+
+    def cell_with(cell_id, tests):
+        return {"id": cell_id, "seeds": [0, 1], "stages": {"teacher": {"test_acc": {"values": tests}}}}
+
+    same = [cell_with("a", [0.8, 0.9]), cell_with("b", [0.8, 0.9])]
+    assert shared_stages(same, {}) == ["teacher"]
+    assert shared_stages([same[0]], {}) == []  # one cell: nothing to share
+    assert shared_stages([same[0], cell_with("b", [0.8, 0.7])], {}) == []
+    planned = {"a": {("teacher", 0): "f1", ("teacher", 1): "f2"}, "b": {("teacher", 0): "f1", ("teacher", 1): "other"}}
+    assert shared_stages(same, planned) == []  # equal accuracies, different plans

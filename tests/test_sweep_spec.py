@@ -100,8 +100,8 @@ BAD_FILES = {
                      "grid.train.epochs", "both in [sweep] set and in [grid]"),
     "baseline not a grid key": ('[sweep]\nname = "t"\nrecipe = "tiny.toml"\nbaseline = { "train.lr" = 1 }\n[grid]\n"train.epochs" = [1, 2]\n',
                                 "sweep.baseline.train.lr", "not a [grid] key"),
-    "baseline matches no cell": ('[sweep]\nname = "t"\nrecipe = "tiny.toml"\nbaseline = { "train.epochs" = 3 }\n[grid]\n"train.epochs" = [1, 2]\n',
-                                 "sweep.baseline", "matches 0"),
+    "baseline value not in the grid": ('[sweep]\nname = "t"\nrecipe = "tiny.toml"\nbaseline = { "train.epochs" = 3 }\n[grid]\n'
+                                       '"train.epochs" = [1, 2]\n', "sweep.baseline.train.epochs", "3 is not one of the grid's values [1, 2]"),
     "baseline matches two cells": ('[sweep]\nname = "t"\nrecipe = "tiny.toml"\nbaseline = { "train.epochs" = 1 }\n[grid]\n'
                                    '"train.epochs" = [1, 2]\n"train.batch_size" = [8, 16]\n', "sweep.baseline", "matches 2"),
     "unknown launcher": ('[sweep]\nname = "t"\nrecipe = "tiny.toml"\n[launcher]\nname = "locl"\n', "launcher.name", "did you mean 'local'"),

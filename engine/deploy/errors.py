@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from ..errors import UserError
+from ..errors import install_hint as install_extra
 
 DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 
@@ -16,11 +16,8 @@ class ExportError(UserError):
 
 
 def install_hint() -> str:
-    """``pip install -e '.[deploy]'`` from a checkout (the venv's pip), else the published extra."""
-    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.exists(os.path.join(checkout, "pyproject.toml")) and os.path.isdir(os.path.join(checkout, "engine")):
-        return f"from the checkout {checkout}: .venv/bin/pip install -e '.[deploy]'"
-    return "pip install 'pyramidkd[deploy]'"
+    """The command that installs the ``deploy`` extra (the engine's one rule for extras)."""
+    return install_extra("deploy")
 
 
 def require(*packages: str, purpose: str) -> None:

@@ -1,15 +1,17 @@
-"""Every PNG the reports draw: training curves (one run, or one line per seed),
+"""Every figure the reports draw: training curves (one run, or one line per seed),
 accuracy against parameters, a sweep's accuracy per cell and against training
 cost, and the ``bench-models`` bars.
 
 Plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch)
-and are written atomically.
+and are written atomically, each as a PNG and, beside it, a vector PDF for papers,
+with font sizes that stay legible at a column's width.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Mapping, Sequence
 
 from ..formatting import format_count, percent
@@ -17,6 +19,8 @@ from ..records import EpochRecord
 from ..rundir import atomic_write_bytes
 
 SEED_OFFSET, SEED_SPREAD = 0.22, 0.05  # a sweep plot's seed dots right of the mean (in cells), apart from each other
+FONT_SIZES = {"suptitle": 13, "title": 12, "label": 11, "ticks": 10, "legend": 9}  # points
+LABEL_SIZE = 9  # a point's label (points)
 
 
 def figure(width: float, height: float):
@@ -29,9 +33,28 @@ def figure(width: float, height: float):
 
 
 def save(drawing, path: str, dpi: int = 100) -> None:
-    buffer = io.BytesIO()
-    drawing.savefig(buffer, format="png", dpi=dpi)
-    atomic_write_bytes(path, buffer.getvalue())
+    """``path`` (a PNG) and the same figure as a vector PDF beside it (``.pdf``)."""
+    _paper_fonts(drawing)
+    for file, kind in ((path, "png"), (os.path.splitext(path)[0] + ".pdf", "pdf")):
+        buffer = io.BytesIO()
+        # No creation date in the PDF: the same figure gives the same bytes.
+        drawing.savefig(buffer, format=kind, dpi=dpi, **({"metadata": {"CreationDate": None}} if kind == "pdf" else {}))
+        atomic_write_bytes(file, buffer.getvalue())
+
+
+def _paper_fonts(drawing) -> None:
+    """Titles, axis labels, ticks and legends at :data:`FONT_SIZES`."""
+    for text in drawing.texts:  # the suptitle
+        text.set_fontsize(FONT_SIZES["suptitle"])
+    for axes in drawing.axes:
+        axes.title.set_fontsize(FONT_SIZES["title"])
+        axes.xaxis.label.set_fontsize(FONT_SIZES["label"])
+        axes.yaxis.label.set_fontsize(FONT_SIZES["label"])
+        axes.tick_params(labelsize=FONT_SIZES["ticks"])
+        legend = axes.get_legend()
+        if legend is not None:
+            for text in legend.get_texts():
+                text.set_fontsize(FONT_SIZES["legend"])
 
 
 def _points(history: Sequence[EpochRecord], field: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
@@ -113,34 +136,73 @@ def plot_seed_curves(stage: Mapping, histories: Mapping[int, Sequence[EpochRecor
 
 
 def plot_accuracy_vs_params(report: Mapping):
-    """Test accuracy (%) against parameters (log scale); stages of one recipe entry
-    are joined in order, published references are hollow markers."""
+    """Test accuracy (%) against parameters (log scale) of the final stages (a hint
+    stage's untrained head would draw a zig-zag); stages of one recipe entry are
+    joined in order, published references are hollow markers, labels do not overlap."""
     drawing = figure(7, 4.8)
-    drawing.subplots_adjust(left=0.1, right=0.97, bottom=0.11, top=0.92)
+    drawing.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)
     axes = drawing.subplots()
     by_entry: dict[str, list[Mapping]] = {}
     for stage in report["stages"]:
-        if stage.get("num_parameters") and stage.get("test_acc_pct") is not None:
+        if stage.get("num_parameters") and stage.get("test_acc_pct") is not None and not stage.get("hint"):
             by_entry.setdefault(stage["entry"], []).append(stage)
     for entry, stages in by_entry.items():
         xs = [s["num_parameters"] for s in stages]
         ys = [s["test_acc_pct"] for s in stages]
         (line,) = axes.plot(xs, ys, marker="o", label=entry)
         for stage in stages:
-            axes.annotate(stage["stage"], (stage["num_parameters"], stage["test_acc_pct"]), textcoords="offset points",
-                          xytext=(4, 4), fontsize="x-small")
             if stage.get("reference_test_acc_pct") is not None:
                 axes.plot([stage["num_parameters"]], [stage["reference_test_acc_pct"]], marker="o", markerfacecolor="none",
                           color=line.get_color(), linestyle="none")
     if any(s.get("reference_test_acc_pct") is not None for s in report["stages"]):
         axes.plot([], [], marker="o", markerfacecolor="none", color="gray", linestyle="none", label="published")
     axes.set_xscale("log")
-    axes.margins(x=0.15, y=0.1)  # room for the labels
+    axes.margins(x=0.15, y=0.12)  # room for the labels
     axes.set(xlabel="parameters", ylabel="test accuracy (%)", title=f"{report.get('experiment')}: accuracy vs parameters")
     axes.grid(True, which="both", alpha=0.3)
     if by_entry:
         axes.legend(fontsize="small")
+    points = [(s["stage"], s["num_parameters"], s["test_acc_pct"]) for stages in by_entry.values() for s in stages]
+    place_labels(axes, points)
     return drawing
+
+
+# Where a label may go, in points from its marker, tried in order (right, above, below, left).
+LABEL_OFFSETS = ((6, 4), (6, -12), (-6, 8), (-6, -14), (6, 16), (6, -24), (-6, 20), (-6, -26), (6, 28), (6, -36))
+
+
+def place_labels(axes, points: Sequence[tuple[str, float, float]]) -> list[tuple[float, float]]:
+    """Annotate each (text, x, y) at the first offset (:data:`LABEL_OFFSETS`) whose box
+    overlaps no label placed before it nor any marker (a greedy placement);
+    returns the offsets chosen, in points."""
+    axes.autoscale_view()
+    scale = axes.figure.dpi / 72.0  # pixels per point
+    markers = [axes.transData.transform((x, y)) for _, x, y in points]
+    marker_boxes = [(mx - 3 * scale, my - 3 * scale, mx + 3 * scale, my + 3 * scale) for mx, my in markers]
+    boxes: list[tuple[float, float, float, float]] = []
+    chosen = []
+    for (text, x, y), (px, py) in zip(points, markers):
+        size = (0.6 * LABEL_SIZE * len(text) * scale, 1.2 * LABEL_SIZE * scale)
+        free = [(dx, dy) for dx, dy in LABEL_OFFSETS
+                if not any(_overlap(_label_box(px, py, dx, dy, size, scale), other) for other in boxes + marker_boxes)]
+        dx, dy = free[0] if free else LABEL_OFFSETS[0]
+        box = _label_box(px, py, dx, dy, size, scale)
+        boxes.append(box)
+        chosen.append((dx, dy))
+        axes.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=LABEL_SIZE,
+                      ha="right" if dx < 0 else "left")
+    return chosen
+
+
+def _label_box(px: float, py: float, dx: float, dy: float, size: tuple[float, float], scale: float):
+    """The pixel box of a label ``size`` (width, height) at (dx, dy) points from (px, py)."""
+    left = px + dx * scale - (size[0] if dx < 0 else 0.0)
+    bottom = py + dy * scale
+    return (left, bottom, left + size[0], bottom + size[1])
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def plot_bench(rows: Sequence[Mapping], batch_sizes: Sequence[int], title: str):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-from ..errors import UserError
+from ..errors import UserError, install_hint
 from .spec import Parameter, SearchPlan
 from .trials import TrialWork, trial_folder
 
-INSTALL_FIX = "pip install 'pyramidkd[search]' (from a checkout: .venv/bin/pip install -e '.[search]'), or pip install optuna"
+INSTALL_FIX = f"{install_hint('search')}, or pip install optuna"
 STUDY_FILE = "study.db"
 
 log = logging.getLogger("pyramidkd.search")

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from ..errors import RunDirectoryError
 from ..formatting import format_count, format_duration, format_markdown_table, format_number, format_table, percent
-from ..records import RunSummary, has_summary, load_summary
+from ..records import BEST_TEST_LABEL, RunSummary, has_summary, load_summary
 from ..rundir import atomic_write_json, atomic_write_text
 from .folder import DEFINITION_FILE as SWEEP_FILE
 from .folder import SweepFolder, run_key
@@ -32,6 +32,10 @@ METRICS = ("test_acc", "best_val_acc", "time_s", "train_macs")  # StageResult fi
 NOTE = ("mean ± std over the seeds with a finished run (std: sample standard deviation, - for one seed); "
         "Δ: test accuracy minus the baseline's, in points, paired by seed, with its 95 % t-interval and "
         "the paired t-test's p-value.")
+SHARED_NOTE = "(shared): a stage the grid does not change (the same plan and results in every cell), listed once."
+BEST_TEST_COLUMN = "best test epoch % (literature's protocol)"
+BEST_TEST_NOTE = (f"{BEST_TEST_COLUMN}: each seed's highest test accuracy over its epochs ({BEST_TEST_LABEL}, as the "
+                  "papers report it; [train] test_every_epoch = true), mean ± std; test % is the checkpoint chosen on validation.")
 RERUN_FIX = "run the sweep into this folder again (pyramidkd sweep SWEEP.toml --output DIR) to rewrite it"
 
 
@@ -64,7 +68,7 @@ def collect_results(folder: str) -> dict:
     folder = os.path.abspath(folder)
     sweep = read_sweep(folder)
     runs = SweepFolder(folder).read_state()
-    cells = []
+    cells, fingerprints = [], {}
     for cell in sweep["cells"]:
         summaries: dict[int, RunSummary] = {}
         failed, missing = [], []
@@ -87,9 +91,32 @@ def collect_results(folder: str) -> dict:
             "failed": failed,
             "missing": missing,
         })
+        fingerprints[cell["id"]] = {(r.stage, seed): r.fingerprint for seed, summary in summaries.items() for r in summary.stages}
     baselines = list(sweep.get("baselines") or [])
     _add_comparisons(cells, baselines)
-    return {"name": sweep.get("name"), "seeds": list(sweep["seeds"]), "cells": cells, "baselines": baselines}
+    return {"name": sweep.get("name"), "seeds": list(sweep["seeds"]), "cells": cells, "baselines": baselines,
+            "shared_stages": shared_stages(cells, fingerprints)}
+
+
+def shared_stages(cells: list[dict], fingerprints: dict[str, dict]) -> list[str]:
+    """The stages the grid does not change: in every cell with finished runs (two or
+    more), with the same plan (fingerprint) and the same test accuracy seed by seed."""
+    finished = [cell for cell in cells if cell["stages"]]
+    if len(finished) < 2:
+        return []
+    shared = []
+    for stage_id in finished[0]["stages"]:
+        if not all(stage_id in cell["stages"] for cell in finished):
+            continue
+        seen: dict[int, tuple] = {}
+        same = True
+        for cell in finished:
+            for seed, value in _test_by_seed(cell, cell["stages"][stage_id]).items():
+                mark = (fingerprints.get(cell["id"], {}).get((stage_id, seed)), value)
+                same = same and seen.setdefault(seed, mark) == mark
+        if same and seen:
+            shared.append(stage_id)
+    return shared
 
 
 def aggregate_stages(summaries: dict[int, RunSummary]) -> dict[str, dict]:
@@ -106,6 +133,9 @@ def aggregate_stages(summaries: dict[int, RunSummary]) -> dict[str, dict]:
                             "reference_test_acc": first.reference_test_acc}
         for field in METRICS:
             stages[stage_id][field] = mean_std([None if r is None else getattr(r, field) for r in results])
+        best_test = [None if r is None else r.best_test_acc for r in results]
+        if any(value is not None for value in best_test):  # only where measured (test_every_epoch)
+            stages[stage_id]["best_test_acc"] = {**mean_std(best_test), "label": BEST_TEST_LABEL}
         stages[stage_id]["vs"] = {}
     return stages
 
@@ -177,25 +207,60 @@ def comparison_header(label: str) -> str:
 
 
 def table_rows(results: dict) -> list[dict[str, str]]:
-    """The human table: one row per cell x stage, accuracies in percent."""
+    """The human table: one row per cell x stage, accuracies in percent; a stage the
+    grid does not change (:func:`shared_stages`) is one row first, its cell "(shared)"."""
+    shared = set(results.get("shared_stages") or ())
     rows = []
+    for stage_id in results.get("shared_stages") or ():
+        cell = max((c for c in results["cells"] if stage_id in c["stages"]), key=lambda c: c["stages"][stage_id]["test_acc"]["n"])
+        rows.append(_table_row(results, cell, stage_id, cell["stages"][stage_id], shared=True))
     for cell, stage_id, stage in stage_rows(results):
-        stage = stage or {}
-        row = {
-            "cell": cell["id"] or "-",
-            "stage": stage_id or "(no finished run)",
-            "model": stage.get("model") or "-",
-            "params": format_count(num_parameters(stage)),
-            "n": str(stage["test_acc"]["n"]) if stage else "0",
-            "test % (mean ± std)": format_mean_std(stage.get("test_acc")),
-            "val % (mean ± std)": format_mean_std(stage.get("best_val_acc")),
-        }
-        for baseline in results["baselines"]:
-            comparison = (stage.get("vs") or {}).get(baseline["label"])
+        if stage_id not in shared:
+            rows.append(_table_row(results, cell, stage_id, stage))
+    return _with_best_test_column(results, rows)
+
+
+def has_best_test(results: dict) -> bool:
+    """Whether any stage measured the literature's best-test-epoch figure (test_every_epoch)."""
+    return any(stage and "best_test_acc" in stage for _, _, stage in stage_rows(results))
+
+
+def _with_best_test_column(results: dict, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows with the best-test-epoch column after the validation one, only when measured."""
+    if not has_best_test(results):
+        return rows
+    stages = {(cell["id"] or "-", stage_id): stage for cell, stage_id, stage in stage_rows(results) if stage}
+    shared = {stage_id: stage for (_, stage_id), stage in stages.items()}
+    placed = []
+    for row in rows:
+        stage = shared.get(row["stage"]) if row["cell"] == "(shared)" else stages.get((row["cell"], row["stage"]))
+        text = format_mean_std((stage or {}).get("best_test_acc"))
+        items = list(row.items())
+        at = list(row).index("val % (mean ± std)") + 1
+        placed.append(dict(items[:at] + [(BEST_TEST_COLUMN, text)] + items[at:]))
+    return placed
+
+
+def _table_row(results: dict, cell: dict, stage_id: str | None, stage: dict | None, *, shared: bool = False) -> dict[str, str]:
+    stage = stage or {}
+    row = {
+        "cell": "(shared)" if shared else cell["id"] or "-",
+        "stage": stage_id or "(no finished run)",
+        "model": stage.get("model") or "-",
+        "params": format_count(num_parameters(stage)),
+        "n": str(stage["test_acc"]["n"]) if stage else "0",
+        "test % (mean ± std)": format_mean_std(stage.get("test_acc")),
+        "val % (mean ± std)": format_mean_std(stage.get("best_val_acc")),
+    }
+    for baseline in results["baselines"]:
+        comparison = (stage.get("vs") or {}).get(baseline["label"])
+        if shared:  # compared with itself in another cell: nothing to say
+            text = "(baseline)" if baseline.get("stage") == stage_id else "(the same in every cell)"
+        else:
             reference = stage_id is not None and comparison is None and is_reference(baseline, cell["id"], stage_id)
-            row[comparison_header(baseline["label"])] = "(baseline)" if reference else format_comparison(comparison)
-        rows.append(row)
-    return rows
+            text = "(baseline)" if reference else format_comparison(comparison)
+        row[comparison_header(baseline["label"])] = text
+    return row
 
 
 def num_parameters(stage: dict) -> int | None:
@@ -203,7 +268,7 @@ def num_parameters(stage: dict) -> int | None:
     return stage.get("num_parameters", stage.get("params"))
 
 
-RIGHT = {"params", "n", "test % (mean ± std)", "val % (mean ± std)"}
+RIGHT = {"params", "n", "test % (mean ± std)", "val % (mean ± std)", BEST_TEST_COLUMN}
 
 
 def head_line(results: dict) -> str:
@@ -266,17 +331,22 @@ METHODS_NOTE = ("by method: a recipe entry with all the stages its scheme planne
 
 def format_results(results: dict) -> str:
     """The console view: a head line, the table, the note, failed and unfinished runs."""
-    lines = [head_line(results), format_table(table_rows(results), right=RIGHT), NOTE]
+    lines = [head_line(results), format_table(table_rows(results), right=RIGHT), _note(results)]
     methods = methods_table_rows(results)
     if methods:
         lines += ["", format_table(methods, right=METHOD_RIGHT), METHODS_NOTE]
     return "\n".join(lines + problem_lines(results))
 
 
+def _note(results: dict) -> str:
+    return (NOTE + (" " + SHARED_NOTE if results.get("shared_stages") else "")
+            + (" " + BEST_TEST_NOTE if has_best_test(results) else ""))
+
+
 def format_results_markdown(results: dict) -> str:
     problems = problem_lines(results)
     lines = [f"# {results.get('name')}", "", head_line(results), "",
-             format_markdown_table(table_rows(results), right=RIGHT), "", NOTE]
+             format_markdown_table(table_rows(results), right=RIGHT), "", _note(results)]
     methods = methods_table_rows(results)
     if methods:
         lines += ["", "## By method", "", format_markdown_table(methods, right=METHOD_RIGHT), "", METHODS_NOTE]
@@ -307,6 +377,9 @@ def format_results_csv(results: dict) -> str:
                     "n": test.get("n", 0), "failed": len(cell["failed"]),
                     "test_mean_pct": _csv_percent(test.get("mean")), "test_std_pct": _csv_percent(test.get("std")),
                     "val_mean_pct": _csv_percent(val.get("mean")), "val_std_pct": _csv_percent(val.get("std"))})
+        if has_best_test(results):  # the literature's protocol, only when measured
+            best = stage.get("best_test_acc") or {}
+            row.update({"best_test_epoch_mean_pct": _csv_percent(best.get("mean")), "best_test_epoch_std_pct": _csv_percent(best.get("std"))})
         for baseline in results["baselines"]:
             label = baseline["label"]
             comparison = (stage.get("vs") or {}).get(label) or {}

@@ -15,8 +15,9 @@ from typing import Any
 import attrs
 
 from ..components import ComponentSpec
-from ..recipe import STAGE_ID, format_key_path, format_override, parse_key_path, read_toml
-from ..validation import FieldValueError, Structurer
+from ..errors import UserError, did_you_mean, suggest
+from ..recipe import STAGE_ID, format_key_path, format_override, format_toml_value, parse_key_path, read_toml
+from ..validation import ErrorList, FieldValueError, Structurer
 
 SWEEP_KEYS = ("sweep", "grid", "launcher")
 BASELINE_SPECIAL_KEYS = ("recipe", "stage")
@@ -115,28 +116,31 @@ def comparable(definition: dict[str, Any]) -> str:
 
 
 def load_sweep(path: str, *, launcher: str | None = None, registry=None) -> SweepPlan:
-    """Read and validate a sweep file. ``launcher`` replaces ``[launcher] name``;
-    ``registry`` (the host's launcher registry) validates the launcher's keys."""
+    """Read and validate a sweep file (every independent error at once). ``launcher``
+    replaces ``[launcher] name``; ``registry`` (the host's launcher registry) validates
+    the launcher's keys."""
     data = read_toml(path)
     structurer = Structurer(path)
-    unknown = [key for key in data if key not in SWEEP_KEYS]
-    if unknown:
-        raise structurer.error(unknown[0], f"unknown section {unknown[0]!r}; a sweep file has [sweep], [grid] and [launcher]",
-                               "remove or rename it (recipe keys go in [sweep] set or [grid])")
+    errors = ErrorList()
+    for key in (key for key in data if key not in SWEEP_KEYS):
+        errors.errors.append(structurer.error(key, f"unknown section {key!r}; a sweep file has [sweep], [grid] and [launcher]",
+                                              f"{did_you_mean(key, SWEEP_KEYS, 'did you mean [{}]? ')}remove or rename it "
+                                              "(recipe keys go in [sweep] set or [grid])"))
+    section = None
     if "sweep" not in data:
-        raise structurer.error("sweep", "the [sweep] table is missing", 'add [sweep] with name = "..." and recipe = "..."')
-    section = structurer.structure(SweepSection, data["sweep"], "sweep")
-    fixed = _key_paths(section.set, "sweep.set", structurer, values_are_lists=False)
-    grid = _key_paths(_table(data.get("grid", {}), "grid", structurer), "grid", structurer, values_are_lists=True)
-    for key in fixed:
-        if key in grid:
-            raise structurer.error(f"grid.{key}", f"{key!r} is set both in [sweep] set and in [grid]", "keep it in one of them")
-    cells = _cells(path, section, fixed, grid)
-    baselines = _baselines(section.baseline, cells, grid, structurer)
-    plan = SweepPlan(section.name, path, list(section.seeds), cells, baselines)
-    if registry is not None:
-        plan.launcher = launcher_spec(data.get("launcher", {}), launcher, registry, structurer)
-    return plan
+        errors.errors.append(structurer.error("sweep", "the [sweep] table is missing", 'add [sweep] with name = "..." and recipe = "..."'))
+    else:
+        section = errors.check(lambda: structurer.structure(SweepSection, data["sweep"], "sweep"))
+    fixed = errors.check(lambda: _key_paths(section.set, "sweep.set", structurer, values_are_lists=False), {}) if section else {}
+    grid = errors.check(lambda: _key_paths(_table(data.get("grid", {}), "grid", structurer), "grid", structurer, values_are_lists=True))
+    for key in (key for key in fixed if key in (grid or {})):
+        errors.errors.append(structurer.error(f"grid.{key}", f"{key!r} is set both in [sweep] set and in [grid]", "keep it in one of them"))
+    spec = errors.check(lambda: launcher_spec(data.get("launcher", {}), launcher, registry, structurer)) if registry is not None else None
+    if section is not None and grid is not None and not errors.errors:
+        cells = _cells(path, section, fixed, grid)
+        baselines = errors.check(lambda: _baselines(section.baseline, cells, grid, structurer))
+    errors.raise_all()
+    return SweepPlan(section.name, path, list(section.seeds), cells, baselines, spec)
 
 
 def _table(value: Any, key: str, structurer: Structurer) -> dict:
@@ -148,21 +152,27 @@ def _table(value: Any, key: str, structurer: Structurer) -> dict:
 def _key_paths(table: dict, where: str, structurer: Structurer, *, values_are_lists: bool) -> dict[str, Any]:
     """Normalised key paths (``stages[1].x`` and ``stages.1.x`` are one key) -> values."""
     result: dict[str, Any] = {}
+    errors = ErrorList()
     for raw_key, value in table.items():
         key = format_key_path(parse_key_path(raw_key))
-        if not key:
-            raise structurer.error(f"{where}.{raw_key}", f"{raw_key!r} is not a key path", 'write a recipe key path, e.g. "train.epochs"')
-        if key in result:
-            raise structurer.error(f"{where}.{raw_key}", f"the key path {key!r} appears twice", "keep one")
-        if values_are_lists:
-            if not isinstance(value, list) or not value:
-                raise structurer.error(f'{where}."{raw_key}"', f"expected a non-empty list of values, got {value!r}",
-                                       f'write "{raw_key}" = [value1, value2]')
-            texts = [json.dumps(v, sort_keys=True, default=str) for v in value]
-            if len(set(texts)) != len(texts):
-                raise structurer.error(f'{where}."{raw_key}"', f"a value repeats in {value!r}", "list each value once")
+        errors.check(lambda: _check_key_path(raw_key, key, value, result, where, structurer, values_are_lists))
         result[key] = value
+    errors.raise_all()
     return result
+
+
+def _check_key_path(raw_key: str, key: str, value: Any, seen: dict, where: str, structurer: Structurer, values_are_lists: bool) -> None:
+    if not key:
+        raise structurer.error(f"{where}.{raw_key}", f"{raw_key!r} is not a key path", 'write a recipe key path, e.g. "train.epochs"')
+    if key in seen:
+        raise structurer.error(f"{where}.{raw_key}", f"the key path {key!r} appears twice", "keep one")
+    if values_are_lists:
+        if not isinstance(value, list) or not value:
+            raise structurer.error(f'{where}."{raw_key}"', f"expected a non-empty list of values, got {value!r}",
+                                   f'write "{raw_key}" = [value1, value2]')
+        texts = [json.dumps(v, sort_keys=True, default=str) for v in value]
+        if len(set(texts)) != len(texts):
+            raise structurer.error(f'{where}."{raw_key}"', f"a value repeats in {value!r}", "list each value once")
 
 
 def _cells(path: str, section: SweepSection, fixed: dict[str, Any], grid: dict[str, list]) -> list[SweepCell]:
@@ -233,10 +243,10 @@ def _baseline(table: dict, cells: list[SweepCell], grid: dict, structurer: Struc
     if stage is not None and not isinstance(stage, str):
         raise structurer.error(f"{key}.stage", f"expected a stage id, got {stage!r}", 'write stage = "id"')
     wanted = {format_key_path(parse_key_path(k)): v for k, v in table.items() if k not in BASELINE_SPECIAL_KEYS}
-    for path in wanted:
-        if path not in grid:
-            raise structurer.error(f"{key}.{path}", f"{path!r} is not a [grid] key",
-                                   f"use one of: {', '.join(grid) or '(no grid)'}, recipe or stage")
+    errors = ErrorList()
+    for path, value in wanted.items():
+        errors.check(lambda: _check_baseline_value(path, value, grid, structurer, key, sorted({c.recipe_path for c in cells})))
+    errors.raise_all()
     recipe = table.get("recipe")
     selects_cell = bool(wanted) or recipe is not None
     if not selects_cell:  # a stage of each cell: compare within the cell
@@ -249,6 +259,44 @@ def _baseline(table: dict, cells: list[SweepCell], grid: dict, structurer: Struc
                                "give a value for every [grid] key with more than one value (and recipe = ... for a recipe list)")
     cell = matches[0].id
     return Baseline(f"{cell}/{stage}" if stage else cell, cell, stage)
+
+
+def _recipe_has(recipe_path: str, key: str) -> bool:
+    """Whether the recipe file sets ``key`` (stages named by id or index)."""
+    try:
+        node: Any = read_toml(recipe_path)
+    except UserError:
+        return False
+    for part in parse_key_path(key):
+        if isinstance(node, list) and isinstance(part, str):
+            node = next((item for item in node if isinstance(item, dict) and item.get("id") == part), None)
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part] if part < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            node = None
+        if node is None:
+            return False
+    return True
+
+
+def _check_baseline_value(path: str, value: Any, grid: dict, structurer: Structurer, key: str, recipes: list[str]) -> None:
+    """A baseline's ``path = value`` must name a [grid] key and one of its values."""
+    if path in grid:
+        if value not in grid[path]:
+            values = "[" + ", ".join(format_toml_value(v) for v in grid[path]) + "]"
+            raise structurer.error(f"{key}.{path}", f"{format_toml_value(value)} is not one of the grid's values {values}",
+                                   f"use one of {values}")
+        return
+    close = suggest(path, list(grid))
+    if close is not None and any(_recipe_has(recipe, path) and not _recipe_has(recipe, close) for recipe in recipes):
+        fix = f"did you mean the [grid] key {close}? it is misspelt: the recipe has {path}; correct it in [grid]"
+    elif close is not None:
+        fix = f"did you mean the [grid] key {close}? correct whichever of the two is misspelt"
+    else:
+        fix = f"use one of: {', '.join(grid) or '(no grid)'}, recipe or stage"
+    raise structurer.error(f"{key}.{path}", f"{path!r} is not a [grid] key", fix)
 
 
 def launcher_spec(table: Any, name: str | None, registry, structurer: Structurer) -> ComponentSpec:

@@ -7,7 +7,6 @@ aggregate the results.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import signal
 import sys
@@ -16,7 +15,7 @@ from typing import Any, Sequence, TextIO
 import attrs
 
 from ..components import LaunchContext
-from ..errors import RecipeError, UserError
+from ..errors import RecipeError, UserError, did_you_mean
 from ..formatting import format_table
 from ..host import make_plugin_host
 from ..recipe import dump_toml, load_recipe
@@ -116,8 +115,7 @@ def _check_baseline_stages(plan: SweepPlan, prepared: dict[str, PreparedRun]) ->
         cells = [baseline.cell] if baseline.cell else [cell.id for cell in plan.cells]
         known = list(dict.fromkeys(stage.id for cell in cells for stage in prepared[cell].stages))
         if baseline.stage not in known:
-            close = difflib.get_close_matches(baseline.stage, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(baseline.stage, known)
             raise RecipeError(f"the baseline stage {baseline.stage!r} is not a stage of {', '.join(cells)}; stages: {', '.join(known)}",
                               file=plan.file, key="sweep.baseline", fix=f"{hint}name one of the stages listed")
 

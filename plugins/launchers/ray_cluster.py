@@ -23,9 +23,9 @@ from typing import Any
 
 import attrs
 
-from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, UserError, hookimpl, non_negative, positive, run_job
+from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, UserError, hookimpl, install_hint, non_negative, positive, run_job
 
-INSTALL_FIX = "pip install 'pyramidkd[ray]' (or pip install 'ray>=2.9'), or choose another launcher"
+INSTALL_FIX = f"{install_hint('ray')} (or pip install 'ray>=2.9'), or choose another launcher"
 
 
 def import_ray():

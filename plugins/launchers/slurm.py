@@ -36,9 +36,9 @@ from typing import Any, Literal
 
 import attrs
 
-from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, UserError, hookimpl, non_negative, positive, run_job
+from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, UserError, hookimpl, install_hint, non_negative, positive, run_job
 
-INSTALL_FIX = "pip install 'pyramidkd[slurm]' (or pip install 'submitit>=1.5'), or choose another launcher"
+INSTALL_FIX = f"{install_hint('slurm')} (or pip install 'submitit>=1.5'), or choose another launcher"
 POLL_SECONDS = {"slurm": 30.0, "local": 0.5}  # Slurm's accounting is not to be hammered
 
 

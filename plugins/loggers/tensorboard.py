@@ -1,6 +1,6 @@
 """``tensorboard``: per-epoch scalars of every stage as TensorBoard event files.
 
-Switch it on in a recipe (it needs the optional extra: ``pip install 'pyramidkd[tensorboard]'``)::
+Switch it on in a recipe (it needs the optional extra ``tensorboard``; the error names the install command)::
 
     loggers = ["console", "files", { name = "tensorboard", log_dir = "tb" }]
 
@@ -22,9 +22,9 @@ import re
 
 import attrs
 
-from pyramidkd.engine import EpochRecord, FieldValueError, Logger, TestRecord, UserError, hookimpl
+from pyramidkd.engine import EpochRecord, FieldValueError, Logger, TestRecord, UserError, hookimpl, install_hint
 
-INSTALL_FIX = "pip install 'pyramidkd[tensorboard]' (or pip install tensorboard), or remove the tensorboard logger from loggers"
+INSTALL_FIX = f"{install_hint('tensorboard')} (or pip install tensorboard), or remove the tensorboard logger from loggers"
 EPOCH_SCALARS = {
     "train_acc": "accuracy/train",
     "val_acc": "accuracy/val",

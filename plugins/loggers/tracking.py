@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import attrs
 
-from pyramidkd.engine import EpochRecord, FieldValueError, Logger, StageResult, hookimpl, read_metrics
+from pyramidkd.engine import EpochRecord, FieldValueError, Logger, StageResult, hookimpl, install_hint, read_metrics
 
 log = logging.getLogger("pyramidkd")
 
@@ -46,10 +46,7 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc
 def install_fix(extra: str) -> str:
     """The command that installs an optional extra: the venv's editable install
     from a checkout, the published extra otherwise."""
-    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.exists(os.path.join(checkout, "pyproject.toml")) and os.path.isdir(os.path.join(checkout, "engine")):
-        return f"install it: from the checkout {checkout}: `.venv/bin/pip install -e '.[{extra}]'`"
-    return f"install it: `pip install 'pyramidkd[{extra}]'`"
+    return f"install it: {install_hint(extra)}"
 
 
 def require_package(module: str, logger: str) -> None:

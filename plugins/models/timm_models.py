@@ -22,10 +22,10 @@ import attrs
 import torch
 from torch import nn
 
-from pyramidkd.engine import FieldValueError, Model, UserError, hookimpl
+from pyramidkd.engine import FieldValueError, Model, UserError, hookimpl, install_hint
 from pyramidkd.plugins.models.torchvision_taps import TapPoints
 
-INSTALL_FIX = "install it: from a checkout `.venv/bin/pip install -e '.[timm]'`, otherwise `pip install 'pyramidkd[timm]'`"
+INSTALL_FIX = f"install it: {install_hint('timm')}"
 
 
 def import_timm():
