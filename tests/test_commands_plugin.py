@@ -93,7 +93,7 @@ def test_plugins_lists_the_commands_each_plugin_adds(cli):
     builtin = rows["pyramidkd.engine.commands.builtin"]
     assert builtin["source"] == "builtin"
     assert builtin["components"] == {"command": ["run", "sweep", "search", "validate", "models", "bench-models", "plugins", "report",
-                                                      "save-weights", "convert-checkpoint", "export"]}
+                                                      "save-weights", "convert-checkpoint", "export", "bench-deploy"]}
     assert "pyramidkd_register_commands" in builtin["hooks"]
 
 

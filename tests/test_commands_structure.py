@@ -69,7 +69,7 @@ def test_one_module_per_command_and_each_a_thin_adapter():
     and prints; anything else it defined would be logic the library should own."""
     from pyramidkd.engine.commands import builtin
 
-    expected = {"run", "sweep", "search", "validate", "models", "bench-models", "plugins", "report", "save-weights", "convert-checkpoint", "export"}
+    expected = {"run", "sweep", "search", "validate", "models", "bench-models", "plugins", "report", "save-weights", "convert-checkpoint", "export", "bench-deploy"}
     assert {module.NAME for module in builtin.BUILTIN_COMMANDS} == expected
     assert {Path(module.__file__).stem for module in builtin.BUILTIN_COMMANDS} == {n.replace("-", "_") for n in expected}
     assert {path.stem for path in COMMANDS.glob("*.py")} == {n.replace("-", "_") for n in expected} | SUPPORT_MODULES
@@ -87,7 +87,7 @@ def test_debug_is_declared_once_and_shared_by_every_command():
     parser = build_parser(builtin_commands())
     (declared,) = [action for action in parser._actions if "--debug" in action.option_strings]
     (subparsers,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-    assert len(subparsers.choices) == 11
+    assert len(subparsers.choices) == 12
     for name, sub in subparsers.choices.items():
         assert [a for a in sub._actions if "--debug" in a.option_strings] == [declared], name  # the one declaration
     assert parser.parse_args(["--debug", "plugins"]).debug and parser.parse_args(["plugins", "--debug"]).debug

@@ -7,10 +7,10 @@ built-ins come first in ``pyramidkd --help`` and a plugin cannot take their name
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import bench_models, convert_checkpoint, export, models, plugins, report, run, save_weights, search, sweep, validate
+from . import bench_deploy, bench_models, convert_checkpoint, export, models, plugins, report, run, save_weights, search, sweep, validate
 from .registry import Commands
 
-BUILTIN_COMMANDS = (run, sweep, search, validate, models, bench_models, plugins, report, save_weights, convert_checkpoint, export)
+BUILTIN_COMMANDS = (run, sweep, search, validate, models, bench_models, plugins, report, save_weights, convert_checkpoint, export, bench_deploy)
 
 
 @hookimpl

@@ -9,6 +9,10 @@
   giving the file's bytes and a runner that executes them;
 * :mod:`.verify` — the exported file run on the stage's test images against the checkpoint;
 * :mod:`.export` — the command's one library call (:func:`.export.export_stage`);
+* :mod:`.quantize` — ``--quantize int8``: ONNX Runtime static quantisation, calibrated on
+  training images drawn with the run's seed, judged by its accuracy;
+* :mod:`.bench`, :mod:`.timing`, :mod:`.bench_report` — ``pyramidkd bench-deploy``: every
+  exported file timed on its runtime next to PyTorch eager and torch.compile;
 * :mod:`.errors` — :class:`~.errors.ExportError` and the missing ``deploy`` extra.
 
 A new format (an int8 one, say) is one more :class:`.formats.ExportFormat` in

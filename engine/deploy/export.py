@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 import torch
@@ -25,7 +25,7 @@ from ..training.models import count_parameters
 from ..training.sharing import run_preprocessing
 from .formats import Artefact, ExportFormat, get_format
 from .loading import complete_preprocessing, rebuilt_model
-from .runs import RunStage, find_stage, load_test_split, run_recipe_and_host, test_batches
+from .runs import RunStage, find_stage, load_run_splits, run_recipe_and_host, test_batches
 from .verify import FP32_TOLERANCE, Verification, verify
 
 EXPORT_FOLDER = "export"
@@ -52,6 +52,8 @@ class ExportSource:
     model: nn.Module
     test_split: Any
     host: Any
+    train_split: Any = None  # the run's training split (int8 calibration draws from it)
+    seed: int = 0  # the run's seed
 
     def example(self, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
         """A few test images: what the exporters trace with."""
@@ -70,7 +72,8 @@ def export_source(run_dir: str, stage_id: str | None = None) -> ExportSource:
     checkpoint = load_checkpoint(stage.checkpoint)
     preprocessing = complete_preprocessing(checkpoint, run_preprocessing(RunDirectory(stage.run_dir), checkpoint))
     model = rebuilt_model(checkpoint, stage.checkpoint, host)
-    return ExportSource(stage, checkpoint, preprocessing, model, load_test_split(recipe, host), host)
+    splits = load_run_splits(recipe, host)
+    return ExportSource(stage, checkpoint, preprocessing, model, splits.test, host, splits.train, recipe.experiment.seed)
 
 
 def export_stage(run_dir: str, stage_id: str | None = None, format_name: str = "onnx", output: str | None = None, *,
@@ -85,14 +88,18 @@ def export_stage(run_dir: str, stage_id: str | None = None, format_name: str = "
 
 
 def write_verified(source: ExportSource, export_format: ExportFormat, artefact: Artefact, output: str | None, *,
-                   batch_size: int = 64, tolerance: float | None = FP32_TOLERANCE) -> Exported:
+                   batch_size: int = 64, tolerance: float | None = FP32_TOLERANCE,
+                   extra: Callable[[Verification], dict] | None = None) -> Exported:
     """Run ``artefact`` on the stage's test images against the PyTorch model
-    (:func:`.verify.verify`); only when it passes, write it and its report (atomically)."""
+    (:func:`.verify.verify`); only when it passes, write it and its report (atomically).
+    ``extra(verification)`` adds entries to the report (int8: the fp32 comparison)."""
     run = export_format.runner(artefact.payload)
     checked = verify(source.model, run, test_batches(source.test_split, batch_size), tolerance=tolerance,
                      what=f"the exported {export_format.name} model")
     path = output_path(source.stage, export_format, output)
     report = export_report(source, export_format, artefact, checked, path)
+    if extra is not None:
+        report.update(extra(checked))
     atomic_write_bytes(path, artefact.payload)
     report_path = path + REPORT_SUFFIX
     atomic_write_json(report_path, report)
@@ -122,7 +129,7 @@ def export_report(source: ExportSource, export_format: ExportFormat, artefact: A
     from pyramidkd._version import __version__
 
     versions = {"pyramidkd": __version__, "torch": torch.__version__, **artefact.versions}
-    if export_format.name == "onnx":
+    if "onnxruntime" in export_format.packages:
         import onnxruntime
 
         versions["onnxruntime"] = onnxruntime.__version__

@@ -96,13 +96,18 @@ def _original_recipe(directory: RunDirectory) -> str | None:
 
 def load_test_split(recipe, host) -> torch.utils.data.Dataset:
     """The run's test split, on the CPU, through the run's data path (``[train] pipeline``)."""
+    return load_run_splits(recipe, host).test
+
+
+def load_run_splits(recipe, host):
+    """The run's data splits (``DataSplits``), on the CPU, through the run's data path."""
     from ..data.pipeline import load_run_data
     from ..distributed import World
     from ..planning import ComponentResolver, dataset_context
 
     dataset = ComponentResolver(recipe, host.registries).resolve("dataset", recipe.dataset)
     data, _choice, _note = load_run_data(dataset, dataset_context(recipe), recipe.train.pipeline, torch.device("cpu"), World())
-    return data.test
+    return data
 
 
 def test_batches(split, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
