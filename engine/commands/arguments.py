@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -21,3 +22,21 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", metavar="RECIPE", help="a .toml recipe, e.g. recipes/quickstart.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser, kind: str, example: str) -> None:
+    """The file, ``--output`` and ``--launcher``: what ``sweep`` and ``search`` share
+    (``kind`` names the file and its folder: "sweep", "search")."""
+    parser.add_argument(kind, metavar=kind.upper(), help=f"a {kind} file, e.g. {example}")
+    parser.add_argument("--output", "-o", metavar="DIR", help=f"the {kind} folder (default: runs/<{kind} name>)")
+    parser.add_argument("--launcher", metavar="NAME", help="run with this launcher instead of [launcher] name (local, ray, slurm)")
+
+
+def report_launch(outcome, table: str, also: str) -> int:
+    """Print a sweep's or a search's results table and files (stdout) and its problems
+    (stderr); return its exit code."""
+    print(table)
+    print(f"results: {outcome.results_file} (and {also})")
+    if problems := outcome.problems():
+        print(problems, file=sys.stderr)
+    return outcome.exit_code

@@ -6,18 +6,15 @@ when run again; then the best values' test accuracy on fresh seeds
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .arguments import positive_int
+from .arguments import add_launch_arguments, positive_int, report_launch
 
 NAME = "search"
 HELP = "search a recipe's hyperparameters with Optuna (trials run locally, on Ray or on Slurm)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("search", metavar="SEARCH", help="a search file, e.g. recipes/quickstart-search.toml")
-    parser.add_argument("--output", "-o", metavar="DIR", help="the search folder (default: runs/<search name>)")
-    parser.add_argument("--launcher", metavar="NAME", help="run with this launcher instead of [launcher] name (local, ray, slurm)")
+    add_launch_arguments(parser, "search", "recipes/quickstart-search.toml")
     parser.add_argument("--trials", type=positive_int, metavar="N",
                         help="run until the study holds N trials (instead of [search] trials); again with a larger N adds trials")
     parser.add_argument("--dry-run", action="store_true", help="validate the search file and its recipe, show the plan, run nothing")
@@ -34,8 +31,4 @@ def execute(args: argparse.Namespace) -> int:
         return 0
     with sigterm_as_interrupt():  # a stopped search lets its runs save, as Ctrl-C does
         outcome = run_search(setup)
-    print(format_results(outcome.results))
-    print(f"results: {outcome.results_file} (and results.json, results.csv, plots/)")
-    if problems := outcome.problems():
-        print(problems, file=sys.stderr)
-    return outcome.exit_code
+    return report_launch(outcome, format_results(outcome.results), "results.json, results.csv, plots/")

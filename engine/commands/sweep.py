@@ -6,18 +6,15 @@ ordinary run folder under DIR, run by a launcher plugin, then ``results.json``,
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .arguments import positive_int
+from .arguments import add_launch_arguments, positive_int, report_launch
 
 NAME = "sweep"
 HELP = "run recipes over a grid of values and seeds (locally, on Ray or on Slurm)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", metavar="SWEEP", help="a sweep file, e.g. recipes/quickstart-sweep.toml")
-    parser.add_argument("--output", "-o", metavar="DIR", help="the sweep folder (default: runs/<sweep name>)")
-    parser.add_argument("--launcher", metavar="NAME", help="run with this launcher instead of [launcher] name (local, ray, slurm)")
+    add_launch_arguments(parser, "sweep", "recipes/quickstart-sweep.toml")
     parser.add_argument("--dry-run", action="store_true", help="validate every cell, list the cells and runs, run nothing")
     parser.add_argument("--force", action="store_true",
                         help="continue a folder that holds a different sweep, or runs whose recipe changed")
@@ -34,8 +31,4 @@ def execute(args: argparse.Namespace) -> int:
         return 0
     with sigterm_as_interrupt():  # a stopped sweep lets its runs save, as Ctrl-C does
         outcome = run_sweep(setup, force=args.force)
-    print(format_results(outcome.results))
-    print(f"results: {outcome.results_file} (and results.json, results.csv)")
-    if problems := outcome.problems():
-        print(problems, file=sys.stderr)
-    return outcome.exit_code
+    return report_launch(outcome, format_results(outcome.results), "results.json, results.csv")

@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 import threading
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 import attrs
 
@@ -21,11 +21,12 @@ from ..errors import RunDirectoryError, UserError
 from ..host import make_plugin_host
 from ..records import has_summary, load_summary
 from ..runner import prepare
-from ..rundir import atomic_write_json, folder_lock
+from ..rundir import atomic_write_json
 from ..sweeps.folder import LOGS, SCRATCH, SweepFolder
 from ..sweeps.jobs import JobOutcome
+from ..sweeps.outcome import LaunchOutcome
 from ..sweeps.stats import mean_std
-from .results import RESULTS_MD, collect_results, write_results
+from .results import collect_results, write_results
 from .spec import SearchPlan, check_search, load_search
 from .study import STUDY_FILE, grid_size, import_optuna, next_batch, open_study, storage_url
 from .trials import PruningMonitor, TrialWork, launch, make_jobs, seed_scores
@@ -39,30 +40,19 @@ class SearchFolder(SweepFolder):
     """The search folder: ``search.json`` (the search it holds), ``study.db``,
     ``trial-N/seed-S`` and ``final/trial-N/seed-S`` run folders, ``logs/``."""
 
-    def lock(self):
-        return folder_lock(self.path, LOCK_FILE, "another search is writing this folder",
-                           "wait for it to finish or stop it, or choose another --output")
-
-    def stored_search(self) -> dict[str, Any] | None:
-        path = self.file(DEFINITION_FILE)
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError) as error:
-            raise RunDirectoryError(f"cannot read {DEFINITION_FILE}: {error}", file=path,
-                                    fix=f"restore {DEFINITION_FILE}, or choose another --output") from error
+    noun = "search"
+    definition_file = DEFINITION_FILE
+    lock_file = LOCK_FILE
+    unreadable_fix = f"restore {DEFINITION_FILE}, or choose another --output"
+    own_entries = (LOGS, SCRATCH, STUDY_FILE)
 
     def adopt_search(self, definition: dict[str, Any]) -> None:
         """Take the folder: new, or holding this same search (its study continues);
         another search's folder is refused with a diff."""
-        stored = self.stored_search()
-        if stored is None and os.path.isdir(self.path):
-            entries = [name for name in os.listdir(self.path) if name not in (LOCK_FILE, LOGS, SCRATCH, STUDY_FILE)]
-            if entries:
-                raise RunDirectoryError("the folder is not empty and holds no search", file=self.path,
-                                        fix="choose another --output, or empty that folder")
+        stored = self.stored_definition()
+        if stored is None and os.path.isdir(self.path) and not self.empty_enough():
+            raise RunDirectoryError("the folder is not empty and holds no search", file=self.path,
+                                    fix="choose another --output, or empty that folder")
         if stored is not None and stored != definition:
             diff = "".join(difflib.unified_diff(_lines(stored), _lines(definition), f"stored {DEFINITION_FILE}", "this search", n=1))
             raise RunDirectoryError(f"the folder holds a different search:\n{diff.rstrip()}", file=self.path,
@@ -89,29 +79,19 @@ class SearchSetup:
 
 
 @attrs.define
-class SearchOutcome:
+class SearchOutcome(LaunchOutcome):
+    interrupted_note: ClassVar[str] = ("search interrupted: run the same command again to continue (finished trials are kept, "
+                                       "the interrupted ones continue from their runs' last checkpoints)")
+    retry_note: ClassVar[str] = "fix the cause and run again with a larger --trials to add trials"
+
     folder: str
     failed: list[tuple[int, str]] = attrs.field(factory=list)  # (trial, why) of this invocation
     interrupted: bool = False
     results: dict | None = None
 
-    @property
-    def results_file(self) -> str:
-        return os.path.join(self.folder, RESULTS_MD)
-
-    @property
-    def exit_code(self) -> int:
-        return 130 if self.interrupted else 1 if self.failed else 0
-
-    def problems(self) -> str | None:
-        if self.interrupted:
-            return ("search interrupted: run the same command again to continue (finished trials are kept, "
-                    "the interrupted ones continue from their runs' last checkpoints)")
-        if not self.failed:
-            return None
+    def failure_lines(self) -> list[str]:
         lines = [f"{len(self.failed)} trial(s) failed (they count as trials; see their logs under logs/):"]
-        lines += [f"  trial {number}: {why}" for number, why in self.failed]
-        return "\n".join(lines + ["fix the cause and run again with a larger --trials to add trials"])
+        return lines + [f"  trial {number}: {why}" for number, why in self.failed]
 
 
 def plan_search(path: str, *, output: str | None = None, launcher: str | None = None, trials: int | None = None) -> SearchSetup:
@@ -147,7 +127,7 @@ def describe(setup: SearchSetup) -> str:
     lines += [f"  {p.key}: {p.describe()}" for p in plan.space]
     if plan.fixed:
         lines += ["set:"] + [f"  {arg}" for arg in plan.fixed_args()]
-    stored = setup.folder.stored_search()
+    stored = setup.folder.stored_definition()
     if stored is not None and stored != plan.definition():
         lines += ["", "note: the folder holds a different search: choose another --output"]
     return "\n".join(lines)

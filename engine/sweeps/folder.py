@@ -29,6 +29,15 @@ def run_key(cell_id: str, seed: int) -> str:
 
 
 class SweepFolder:
+    """A sweep's folder; a search's folder (engine/search) shares its layout and
+    overrides the class attributes below."""
+
+    noun = "sweep"
+    definition_file = DEFINITION_FILE
+    lock_file = LOCK_FILE
+    unreadable_fix = f"restore or delete {DEFINITION_FILE} (--force writes it anew)"
+    own_entries = (LOGS, SCRATCH)  # besides the lock and the definition: a folder holding only these is empty
+
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
 
@@ -42,19 +51,19 @@ class SweepFolder:
         return self.file(LOGS, f"{cell_id}.seed-{seed}.log")
 
     def lock(self):
-        return folder_lock(self.path, LOCK_FILE, "another sweep is writing this folder",
+        return folder_lock(self.path, self.lock_file, f"another {self.noun} is writing this folder",
                            "wait for it to finish or stop it, or choose another --output")
 
     def stored_definition(self) -> dict[str, Any] | None:
-        path = self.file(DEFINITION_FILE)
+        path = self.file(self.definition_file)
         if not os.path.exists(path):
             return None
         try:
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
         except (OSError, ValueError) as error:
-            raise RunDirectoryError(f"cannot read {DEFINITION_FILE}: {error}", file=path,
-                                    fix=f"restore or delete {DEFINITION_FILE} (--force writes it anew)") from error
+            raise RunDirectoryError(f"cannot read {self.definition_file}: {error}", file=path,
+                                    fix=self.unreadable_fix) from error
 
     def adopt(self, definition: dict[str, Any], comparable, *, force: bool, seeds_only: bool = False) -> None:
         """Take the folder for this sweep: new, or holding the same sweep (``comparable``
@@ -63,7 +72,7 @@ class SweepFolder:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise RunDirectoryError("exists and is not a folder", file=self.path, fix="choose another --output")
         stored = self.stored_definition()
-        if stored is None and os.path.isdir(self.path) and not self._empty_enough(seeds_only):
+        if stored is None and os.path.isdir(self.path) and not self.empty_enough(seeds_only):
             raise RunDirectoryError("the folder is not empty and holds no sweep", file=self.path,
                                     fix="choose another --output, or empty that folder")
         if stored is not None and comparable(stored) != comparable(definition) and not force:
@@ -76,8 +85,9 @@ class SweepFolder:
         if stored != definition:
             atomic_write_json(self.file(DEFINITION_FILE), definition)
 
-    def _empty_enough(self, seeds_only: bool) -> bool:
-        entries = [name for name in os.listdir(self.path) if name not in (LOCK_FILE, LOGS, SCRATCH)]
+    def empty_enough(self, seeds_only: bool = False) -> bool:
+        """Holds nothing but the folder's own entries (and, with ``seeds_only``, a ``run --seeds`` folder's)."""
+        entries = [name for name in os.listdir(self.path) if name not in (self.lock_file, *self.own_entries)]
         if seeds_only:  # a `run --seeds` folder from before sweeps: its seed-N runs continue
             entries = [name for name in entries if not name.startswith("seed-") and name not in _SEEDS_FOLDER_FILES]
         return not entries

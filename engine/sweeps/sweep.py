@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, ClassVar, Sequence, TextIO
 
 import attrs
 
@@ -25,8 +25,9 @@ from ..runner import PreparedRun, dataset_context, prepare
 from ..training.fingerprint import Fingerprints
 from .folder import SCRATCH, SweepFolder, run_key
 from .jobs import JobOutcome, RunJob
+from .outcome import LaunchOutcome
 from .progress import LiveView, TrackedRun
-from .results import RESULTS_MD, collect_results, write_results
+from .results import collect_results, write_results
 from .spec import SweepCell, SweepPlan, comparable, load_sweep
 
 
@@ -50,32 +51,21 @@ class PlannedRun:
 
 
 @attrs.define
-class SweepOutcome:
+class SweepOutcome(LaunchOutcome):
+    interrupted_note: ClassVar[str] = ("sweep interrupted: run the same command again to continue (finished runs are kept, "
+                                       "interrupted ones continue from their last checkpoint)")
+    retry_note: ClassVar[str] = "fix the cause and run the same command again: finished runs are kept"
+
     folder: str
     runs: list[PlannedRun]
     failed: list[tuple[PlannedRun, dict[str, Any]]] = attrs.field(factory=list)
     interrupted: bool = False
     results: dict | None = None  # what finished, aggregated (:func:`finish`)
 
-    @property
-    def results_file(self) -> str:
-        return os.path.join(self.folder, RESULTS_MD)
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every run finished, 1 when some failed, 130 after Ctrl-C."""
-        return 130 if self.interrupted else 1 if self.failed else 0
-
-    def problems(self) -> str | None:
-        """What went wrong and what to do (for stderr), or None."""
-        if self.interrupted:
-            return ("sweep interrupted: run the same command again to continue (finished runs are kept, "
-                    "interrupted ones continue from their last checkpoint)")
-        if not self.failed:
-            return None
+    def failure_lines(self) -> list[str]:
         lines = [f"{len(self.failed)} run(s) failed:"]
-        lines += [f"  {run.key}: {record['error']}\n    folder: {run.folder}\n    log: {run.log_file}" for run, record in self.failed]
-        return "\n".join(lines + ["fix the cause and run the same command again: finished runs are kept"])
+        return lines + [f"  {run.key}: {record['error']}\n    folder: {run.folder}\n    log: {run.log_file}"
+                        for run, record in self.failed]
 
 
 @attrs.frozen

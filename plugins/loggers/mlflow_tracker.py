@@ -37,9 +37,9 @@ from typing import Any
 
 import attrs
 
-from pyramidkd.engine import EpochRecord, FieldValueError, StageResult, hookimpl, positive
+from pyramidkd.engine import EpochRecord, StageResult, hookimpl, positive
 
-from .tracking import Identity, TrackerLogger, epoch_metrics, flatten, require_package, result_metrics
+from .tracking import Identity, TrackerLogger, epoch_metrics, flatten, non_empty, require_package, result_metrics
 
 MAX_PARAM_VALUE = 6000  # MLflow's limits (mlflow.utils.validation)
 MAX_KEY = 250
@@ -51,17 +51,12 @@ RETRIES = 1  # one retry per request: an unreachable server is given up within a
 _unfinished: dict[str, "MlflowLogger"] = {}  # parent run id -> the logger that has it open in this process
 
 
-def _non_empty(instance, attribute, value):
-    if value is not None and not value.strip():
-        raise FieldValueError("must not be empty", f"leave {attribute.name} out for the default, or give a value")
-
-
 @attrs.define
 class MlflowParams:
-    tracking_uri: str | None = attrs.field(default=None, validator=_non_empty, metadata={
+    tracking_uri: str | None = attrs.field(default=None, validator=non_empty, metadata={
         "help": "where runs go: a server (http://host:5000) or a store (sqlite:///path/mlflow.db); default: "
                 "MLFLOW_TRACKING_URI, else sqlite:///<folder holding the run or sweep folder>/mlflow.db"})
-    experiment: str | None = attrs.field(default=None, validator=_non_empty, metadata={
+    experiment: str | None = attrs.field(default=None, validator=non_empty, metadata={
         "help": "MLflow experiment name; default: the recipe's experiment name"})
     timeout_s: float = attrs.field(default=10.0, validator=positive, metadata={
         "help": "seconds one request to a tracking server may take before the logger gives up for this run"})

@@ -61,6 +61,12 @@ def require_package(module: str, logger: str) -> None:
                               f"{install_fix(module)}, or remove the {logger} logger from loggers")
 
 
+def non_empty(instance, attribute, value):
+    """attrs validator: an optional text that, when given, is not blank."""
+    if value is not None and not value.strip():
+        raise FieldValueError("must not be empty", f"leave {attribute.name} out for the default, or give a value")
+
+
 # --- what is logged ------------------------------------------------------------
 
 

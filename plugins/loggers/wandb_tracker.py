@@ -30,16 +30,11 @@ import attrs
 
 from pyramidkd.engine import EpochRecord, FieldValueError, StageResult, hookimpl, positive
 
-from .tracking import Identity, TrackerLogger, epoch_metrics, flatten, require_package, result_metrics
+from .tracking import Identity, TrackerLogger, epoch_metrics, flatten, non_empty, require_package, result_metrics
 
 MODES = ("online", "offline", "disabled")
 MAX_TAG = 64  # W&B's limit on a tag's length
 _open_runs: dict[str, Any] = {}  # run id -> the W&B run this process has open
-
-
-def _non_empty(instance, attribute, value):
-    if value is not None and not value.strip():
-        raise FieldValueError("must not be empty", f"leave {attribute.name} out for the default, or give a value")
 
 
 def _mode(instance, attribute, value):
@@ -50,11 +45,11 @@ def _mode(instance, attribute, value):
 
 @attrs.define
 class WandbParams:
-    project: str | None = attrs.field(default=None, validator=_non_empty, metadata={
+    project: str | None = attrs.field(default=None, validator=non_empty, metadata={
         "help": "W&B project; default: the recipe's experiment name"})
-    entity: str | None = attrs.field(default=None, validator=_non_empty, metadata={
+    entity: str | None = attrs.field(default=None, validator=non_empty, metadata={
         "help": "W&B team or user; default: your default entity"})
-    group: str | None = attrs.field(default=None, validator=_non_empty, metadata={
+    group: str | None = attrs.field(default=None, validator=non_empty, metadata={
         "help": "W&B group; default: <sweep>/<cell> for a run of a sweep (its seeds grouped), none otherwise"})
     mode: str | None = attrs.field(default=None, validator=_mode, metadata={
         "help": "online, offline (files for `wandb sync`) or disabled; default: WANDB_MODE, else online"})
@@ -77,10 +72,7 @@ class WandbLogger(TrackerLogger):
 
     name = "wandb"
     Params = WandbParams
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.wandb_run = None
+    wandb_run: Any = None  # the W&B run while it is open (open_run)
 
     def destination(self, run, identity: Identity) -> dict:
         return {"project": self.params.project or identity.experiment, "entity": self.params.entity}

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import attrs
 import torch
-from torch import nn
 
 from pyramidkd.engine import UserError, hookimpl, non_negative, positive
-from pyramidkd.plugins.losses.learned import LearnedTermLoss, require_map, stage_taps, tapped
-from pyramidkd.plugins.losses.ofd import connector
+from pyramidkd.plugins.losses.learned import require_map, tapped
+from pyramidkd.plugins.losses.ofd import PreactConnectorLoss, paired_names
 from pyramidkd.plugins.losses.tapped import feat_weight_field
 
 MAP_FIX = "ab reads the pre-activations preact.1 … preact.K: use models that declare them in tap_points() (the model zoo, vgg)"
@@ -58,30 +57,16 @@ def alternative_l2(source: torch.Tensor, target: torch.Tensor, margin: float) ->
     return ((source + margin) ** 2 * off + (source - margin) ** 2 * on).sum()
 
 
-def paired_names(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
-    """(student tap, teacher tap) of the last min(K_s, K_t) stages of each."""
-    count = min(len(student), len(teacher))
-    return list(zip(student[len(student) - count:], teacher[len(teacher) - count:]))
-
-
 def _preact_names(shapes: dict) -> list[str]:
     stages = [name for name in shapes if name.startswith("preact.") and name[7:].isdigit() and int(name[7:]) >= 1]
     return sorted(stages, key=lambda name: int(name[7:]))
 
 
-class ABLoss(LearnedTermLoss):
+class ABLoss(PreactConnectorLoss):
     """Activation boundaries (Heo et al. 2019): ce_weight·CE + feat_weight · Σ_i 2^(i−n) · AB(connector(s_i), t_i) / N."""
 
     name = "ab"
     Params = ABParams
-    taps = ("preact.*",)
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.connectors = nn.ModuleList()
-
-    def pairs(self, student, teacher) -> list[tuple[str, str]]:
-        return paired_names(stage_taps(student, "preact", self.name, "student"), stage_taps(teacher, "preact", self.name, "teacher"))
 
     def check_features(self, student, teacher):
         for ours, theirs in paired_names(_preact_names(student), _preact_names(teacher)):
@@ -98,20 +83,12 @@ class ABLoss(LearnedTermLoss):
             shapes[f"student {ours}"], shapes[f"teacher {theirs}"] = (s.shape[1],), (t.shape[1],)
         return shapes
 
-    def build(self, shapes):
-        student = [shape[0] for key, shape in shapes.items() if key.startswith("student ")]
-        teacher = [shape[0] for key, shape in shapes.items() if key.startswith("teacher ")]
-        for s, t in zip(student, teacher):
-            self.connectors.append(connector(s, t))
-
     def learned_term(self, student, teacher, dtype):
-        pairs = self.pairs(student, teacher)
         total = 0.0
-        for index, (ours, theirs) in enumerate(pairs):
-            source = self.connectors[index](student.features[ours].to(dtype))
+        for index, count, ours, theirs, source in self.connected(student, teacher, dtype):
             target = teacher.features[theirs].detach().to(dtype)
             self.check_features({ours: tuple(source.shape[1:])}, {theirs: tuple(target.shape[1:])})
-            total = total + alternative_l2(source, target, self.params.margin) * 2.0 ** (index + 1 - len(pairs))
+            total = total + alternative_l2(source, target, self.params.margin) * 2.0 ** (index + 1 - count)
         return total / student.logits.shape[0]
 
 

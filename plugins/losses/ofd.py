@@ -90,24 +90,46 @@ def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(teacher_channels))
 
 
-class OFDLoss(LearnedTermLoss):
-    """Overhaul of feature distillation (Heo et al. 2019): CE + feat_weight · Σ_i partial L2(connector(s_i), t_i; margin_i) / 2^(n−i)."""
+def paired_names(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
+    """(student tap, teacher tap) of the last min(K_s, K_t) stages of each."""
+    count = min(len(student), len(teacher))
+    return list(zip(student[len(student) - count:], teacher[len(teacher) - count:]))
 
-    name = "ofd"
-    Params = OFDParams
+
+class PreactConnectorLoss(LearnedTermLoss):
+    """A term on the pre-activations of the last min(K_s, K_t) stages of each model, the
+    student's map passed through a :func:`connector` per stage (``ofd``, ``ab``)."""
+
     taps = ("preact.*",)
-    #: The reference runs the teacher's BN on batch statistics while training (see the module docstring).
-    teacher_batch_statistics: ClassVar[bool] = True
 
     def __init__(self, params=None):
         super().__init__(params)
         self.connectors = nn.ModuleList()
 
     def pairs(self, student, teacher) -> list[tuple[str, str]]:
-        """(student tap, teacher tap) of the last min(K_s, K_t) stages of each."""
-        ours, theirs = stage_taps(student, "preact", self.name, "student"), stage_taps(teacher, "preact", self.name, "teacher")
-        count = min(len(ours), len(theirs))
-        return list(zip(ours[-count:], theirs[-count:]))
+        return paired_names(stage_taps(student, "preact", self.name, "student"), stage_taps(teacher, "preact", self.name, "teacher"))
+
+    def build(self, shapes):
+        student = [shape[0] for key, shape in shapes.items() if key.startswith("student ")]
+        teacher = [shape[0] for key, shape in shapes.items() if key.startswith("teacher ")]
+        for s, t in zip(student, teacher):
+            self.connectors.append(connector(s, t))
+
+    def connected(self, student, teacher, dtype):
+        """For each of the n paired stages: (index, n, student tap, teacher tap, the
+        student's map through its connector, in ``dtype``)."""
+        pairs = self.pairs(student, teacher)
+        for index, (ours, theirs) in enumerate(pairs):
+            yield index, len(pairs), ours, theirs, self.connectors[index](student.features[ours].to(dtype))
+
+
+class OFDLoss(PreactConnectorLoss):
+    """Overhaul of feature distillation (Heo et al. 2019): CE + feat_weight · Σ_i partial L2(connector(s_i), t_i; margin_i) / 2^(n−i)."""
+
+    name = "ofd"
+    Params = OFDParams
+    #: The reference runs the teacher's BN on batch statistics while training (see the module docstring).
+    teacher_batch_statistics: ClassVar[bool] = True
 
     def module_shapes(self, student, teacher):
         shapes = {}
@@ -116,22 +138,14 @@ class OFDLoss(LearnedTermLoss):
                 shapes[f"{role} {name}"] = (require_map(tapped(output, name, self.name, role), self.name, role, name, MAP_FIX).shape[1],)
         return shapes
 
-    def build(self, shapes):
-        student = [shape[0] for key, shape in shapes.items() if key.startswith("student ")]
-        teacher = [shape[0] for key, shape in shapes.items() if key.startswith("teacher ")]
-        for s, t in zip(student, teacher):
-            self.connectors.append(connector(s, t))
-
     def learned_term(self, student, teacher, dtype):
-        pairs = self.pairs(student, teacher)
         total = 0.0
-        for index, (ours, theirs) in enumerate(pairs):
-            source = self.connectors[index](student.features[ours].to(dtype))
+        for index, count, _, theirs, source in self.connected(student, teacher, dtype):
             with torch.no_grad():
                 t = teacher.features[theirs].detach().to(dtype)
                 margin = batch_margin(t)
                 target = _pool_to(t, tuple(source.shape[-2:]), "avg")
-            total = total + partial_l2(source, target, margin) / 2 ** (len(pairs) - index - 1)
+            total = total + partial_l2(source, target, margin) / 2 ** (count - index - 1)
         return total
 
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 import attrs
 from torch import nn
 
-from pyramidkd.engine import FieldValueError, hookimpl
-from pyramidkd.plugins.models.zoo_common import TappedNet, activation_taps, global_pool, init_like_reference, zoo_model_class
+from pyramidkd.engine import hookimpl
+from pyramidkd.plugins.models.zoo_common import (
+    TappedNet, activation_taps, global_pool, init_like_reference, stage_blocks_field, zoo_model_class,
+)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -138,15 +140,9 @@ def basic_resnet(depth: int, filters: list[int], num_classes: int, in_channels: 
     return net
 
 
-def _check_blocks(instance, attribute, value):
-    if len(value) != 3 or min(value) < 1:
-        raise FieldValueError(f"blocks must list 3 stages of 1 or more basic blocks, got {value}", "e.g. blocks = [9, 9, 5]")
-
-
 @attrs.define
 class BlocksParams:
-    blocks: list[int] = attrs.field(factory=lambda: [3, 3, 3], validator=_check_blocks, metadata={
-        "help": "basic blocks in each of the 3 stages, e.g. [9, 9, 5] (resnet20 = [3, 3, 3])"})
+    blocks: list[int] = stage_blocks_field([3, 3, 3], "basic block", [9, 9, 5], "resnet20")
 
 
 def resnet50(num_classes: int, in_channels: int = 3) -> CifarResNet:

@@ -26,7 +26,9 @@ import attrs
 from torch import nn
 
 from pyramidkd.engine import FieldValueError, between, hookimpl, positive
-from pyramidkd.plugins.models.zoo_common import TappedNet, activation_taps, global_pool, init_like_reference, zoo_model_class
+from pyramidkd.plugins.models.zoo_common import (
+    TappedNet, activation_taps, global_pool, init_like_reference, stage_blocks_field, zoo_model_class,
+)
 
 
 class WideBlock(nn.Module):
@@ -114,15 +116,9 @@ class WideResNetParams:
     dropout: float = _dropout_field()
 
 
-def _check_blocks(instance, attribute, value):
-    if len(value) != 3 or min(value) < 1:
-        raise FieldValueError(f"blocks must list 3 stages of 1 or more blocks, got {value}", "e.g. blocks = [6, 6, 4]")
-
-
 @attrs.define
 class BlocksWideResNetParams:
-    blocks: list[int] = attrs.field(factory=lambda: [2, 2, 2], validator=_check_blocks, metadata={
-        "help": "blocks in each of the 3 stages, e.g. [6, 6, 4] (wrn_16_k = [2, 2, 2])"})
+    blocks: list[int] = stage_blocks_field([2, 2, 2], "block", [6, 6, 4], "wrn_16_k")
     widen_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "channel multiplier k: 16k / 32k / 64k"})
     dropout: float = _dropout_field()
 

@@ -20,9 +20,21 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
+import attrs
 from torch import nn
 
-from pyramidkd.engine import Model, NoParams
+from pyramidkd.engine import FieldValueError, Model, NoParams
+
+
+def stage_blocks_field(default: list[int], block: str, example: list[int], reference: str):
+    """The ``blocks`` parameter of a 3-stage ResNet: 1 or more ``block``s in each stage."""
+
+    def check(instance, attribute, value):
+        if len(value) != 3 or min(value) < 1:
+            raise FieldValueError(f"blocks must list 3 stages of 1 or more {block}s, got {value}", f"e.g. blocks = {example}")
+
+    return attrs.field(factory=lambda: list(default), validator=check, metadata={
+        "help": f"{block}s in each of the 3 stages, e.g. {example} ({reference} = {default})"})
 
 
 class TappedNet(nn.Module):

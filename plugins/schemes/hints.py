@@ -97,17 +97,33 @@ def contract_hint_stages(context, entry, params, level: str, teacher: Teacher, l
     ]
 
 
-class FitNetScheme(Scheme):
-    """FitNet per level, directly from any teacher: hint stage on a tap point (VGG19: conv4_2), then training."""
+class DirectLevelScheme(Scheme):
+    """Per level, directly from one teacher (not chained); subclasses plan a level's stages."""
 
-    name = "fitnet"
-    Params = FitNetParams
+    pyramid_teachers_only = True  # refuse teachers outside the Pyramid family
 
     def plan(self, entry, context):
         p = self.params
         refuse_model_section(entry, self.name)
         check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
-        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name, pyramid=False)
+        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name, pyramid=self.pyramid_teachers_only)
+        level_stages = self.level_planner(entry, context, teacher)
+        return [stage for level in p.levels for stage in level_stages(level)]
+
+    def level_planner(self, entry, context, teacher: Teacher):
+        """Check what the levels share, then return ``level -> [StagePlan, ...]``."""
+        raise NotImplementedError
+
+
+class FitNetScheme(DirectLevelScheme):
+    """FitNet per level, directly from any teacher: hint stage on a tap point (VGG19: conv4_2), then training."""
+
+    name = "fitnet"
+    Params = FitNetParams
+    pyramid_teachers_only = False
+
+    def level_planner(self, entry, context, teacher):
+        p = self.params
         pyramid_teacher = isinstance(teacher.cls, type) and issubclass(teacher.cls, PyramidModel)
         if p.inherit and not pyramid_teacher:
             raise RecipeError(
@@ -118,31 +134,20 @@ class FitNetScheme(Scheme):
             check_compatible(teacher, p, entry, self.name)
         loss = fitnet_loss(context, entry, p)
         layer = p.hint_layer or ("" if pyramid_teacher else DEFAULT_HINT_LAYER)
-        stages = []
-        for level in p.levels:
-            if layer:
-                stages += contract_hint_stages(context, entry, p, level, teacher, layer, loss)
-            else:
-                stages += hint_and_train(context, entry, p, level, teacher, scheme=self.name, hint_loss=loss, fitnet=True)
-        return stages
+        if layer:
+            return lambda level: contract_hint_stages(context, entry, p, level, teacher, layer, loss)
+        return lambda level: hint_and_train(context, entry, p, level, teacher, scheme=self.name, hint_loss=loss, fitnet=True)
 
 
-class GramDirectScheme(Scheme):
+class GramDirectScheme(DirectLevelScheme):
     """Per level, Gram (FSP) matching of every compressed block directly against VGG19, then training."""
 
     name = "gram-direct"
     Params = GramDirectParams
 
-    def plan(self, entry, context):
-        p = self.params
-        refuse_model_section(entry, self.name)
-        check_levels(p.levels, LEVEL_NAMES, entry, self.name, ordered=False)
-        teacher = resolve_teacher(context, p.teacher, f"{entry.key}.scheme.teacher", self.name)
-        check_compatible(teacher, p, entry, self.name, batch_norm=p.inherit)
-        stages = []
-        for level in p.levels:
-            stages += hint_and_train(context, entry, p, level, teacher, scheme=self.name)
-        return stages
+    def level_planner(self, entry, context, teacher):
+        check_compatible(teacher, self.params, entry, self.name, batch_norm=self.params.inherit)
+        return lambda level: hint_and_train(context, entry, self.params, level, teacher, scheme=self.name)
 
 
 @hookimpl

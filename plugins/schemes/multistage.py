@@ -72,6 +72,13 @@ def main_loss(context, entry, main):
     return context.component("loss", table.pop("name"), table, key)
 
 
+def teacher_model_loss(entry, context, teacher: str, default_loss: str, defaults: dict):
+    """A two-stage scheme's teacher, the entry's model and its first loss (the entry's, else ``default_loss``)."""
+    source = context.model_source(teacher, f"{entry.key}.scheme.teacher")
+    model = entry.require_model()
+    return source, model, entry.loss or context.component("loss", default_loss, defaults, key=f"{entry.key}.loss")
+
+
 class ABScheme(Scheme):
     """Activation boundaries: an initialisation stage on the pre-activations, then CE or KD."""
 
@@ -80,9 +87,7 @@ class ABScheme(Scheme):
 
     def plan(self, entry, context):
         p = self.params
-        teacher = context.model_source(p.teacher, f"{entry.key}.scheme.teacher")
-        model = entry.require_model()
-        init_loss = entry.loss or context.component("loss", "ab", {"ce_weight": 0.0}, key=f"{entry.key}.loss")
+        teacher, model, init_loss = teacher_model_loss(entry, context, p.teacher, "ab", {"ce_weight": 0.0})
         student_taps, teacher_taps = loss_taps(init_loss)
         init_id = f"{entry.id}.init"
         trainable = layers_before_taps(context, model, init_loss.instantiate().student_taps(), init_id, f"{entry.key}.model")
@@ -106,9 +111,7 @@ class FTScheme(Scheme):
 
     def plan(self, entry, context):
         p = self.params
-        teacher = context.model_source(p.teacher, f"{entry.key}.scheme.teacher")
-        model = entry.require_model()
-        loss = entry.loss or context.component("loss", "ft", {}, key=f"{entry.key}.loss")
+        teacher, model, loss = teacher_model_loss(entry, context, p.teacher, "ft", {})
         if not issubclass(loss.cls, FTLoss):
             raise RecipeError(f"scheme 'ft' trains a paraphraser for the loss, but loss {loss.name!r} does not continue one",
                               key=loss.key or f"{entry.key}.loss", fix='use [stages.loss] name = "ft" (or leave it out)')
