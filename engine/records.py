@@ -19,6 +19,8 @@ import attrs
 from .errors import RunDirectoryError
 
 SUMMARY_FILE = "summary.json"
+# What ``best_test_acc`` is, wherever it is shown: the papers' figure, not a choice we could make blind.
+BEST_TEST_LABEL = "best test epoch — the literature's optimistic protocol"
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -57,6 +59,13 @@ class EpochRecord(_FlatRecord):
     skipped_batches: int = 0
     train_time_s: float = 0.0
     epoch_time_s: float = 0.0
+    test_acc: float | None = None  # [train] test_every_epoch only: this epoch's model on the test split
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        if data["test_acc"] is None:  # written only when measured: files of runs without it keep their shape
+            del data["test_acc"]
+        return data
 
 
 @attrs.frozen
@@ -156,10 +165,13 @@ class StageResult:
     macs: int | None = None  # the student's forward pass, one image
     train_macs: int | None = None  # the stage's training cost (training.models.training_macs)
     skipped: bool = False  # reused from an earlier run (same fingerprint)
+    best_test_acc: float | None = None  # [train] test_every_epoch only: max over epochs (BEST_TEST_LABEL)
 
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self, recurse=False)
         data["teachers"] = [teacher.to_dict() for teacher in self.teachers]
+        if self.best_test_acc is None:  # written only when measured
+            del data["best_test_acc"]
         if not self.skipped:  # stored results never carry the flag
             del data["skipped"]
         return data

@@ -79,6 +79,9 @@ class TrainSection:
         "help": "under torchrun on GPUs, SyncBatchNorm: BatchNorm statistics over the global batch, as in one process "
                 "(false: each rank's own share, faster, not the single-process result); PyTorch has no SyncBatchNorm "
                 "on CPUs (gloo), where ranks keep their own statistics (one warning)"})
+    test_every_epoch: bool = attrs.field(default=False, metadata={
+        "help": "also test every epoch's model (one test pass per epoch) and report the best test epoch, the "
+                "literature's optimistic protocol, beside the checkpoint chosen on validation; off: no test pass until the end"})
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = attrs.field(default=2, validator=positive, metadata={"help": "batches each worker loads ahead"})

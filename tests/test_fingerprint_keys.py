@@ -14,10 +14,11 @@ def test_a_later_key_at_its_default_is_left_out_of_the_fingerprint():
     described = train_description(train)
     assert train.sync_batchnorm is True and "sync_batchnorm" not in described
     assert train.scheduler.milestones == [] and "milestones" not in described["scheduler"]
-    everything_else = {k: v for k, v in attrs.asdict(train).items() if k != "sync_batchnorm"}
+    everything_else = {k: v for k, v in attrs.asdict(train).items() if k not in ("sync_batchnorm", "test_every_epoch")}
     del everything_else["scheduler"]["milestones"]
     assert described == everything_else  # what a run folder of 0.1.0 hashed
-    assert set(LATER_TRAIN_KEYS) == {"sync_batchnorm", "scheduler.milestones"}
+    assert train.test_every_epoch is False and "test_every_epoch" not in described
+    assert set(LATER_TRAIN_KEYS) == {"sync_batchnorm", "scheduler.milestones", "test_every_epoch"}
 
 
 def test_a_later_key_set_away_from_its_default_changes_the_fingerprint():

@@ -65,3 +65,10 @@ def unwrapped_outputs(tap, images: torch.Tensor) -> ModelOutput:
     tap.values = {}
     logits = tap.model(images)
     return ModelOutput(logits, tap.values)
+
+
+def best_test_acc(history) -> float | None:
+    """The best test accuracy over a stage's epoch records (``test_every_epoch``: the
+    literature's best-test-epoch figure, :data:`~pyramidkd.engine.records.BEST_TEST_LABEL`); None when not measured."""
+    measured = [record.test_acc for record in history if record.test_acc is not None]
+    return max(measured) if measured else None

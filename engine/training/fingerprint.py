@@ -25,7 +25,7 @@ FINGERPRINT_VERSION = 1
 # [train] keys added since version 1, left out while at their default: a stage stored
 # before a key existed is still reused (its value then was the default's behaviour).
 # A dotted key names a key of a nested section.
-LATER_TRAIN_KEYS = {"sync_batchnorm": True, "scheduler.milestones": []}
+LATER_TRAIN_KEYS = {"sync_batchnorm": True, "scheduler.milestones": [], "test_every_epoch": False}
 
 
 def component_description(spec: ComponentSpec) -> dict[str, Any]:
