@@ -265,7 +265,7 @@ def test_gram_and_hint_pool_without_adaptive_pooling(pool, monkeypatch):
     monkeypatch.setattr(F, "adaptive_max_pool2d", refused)
     assert torch.equal(gram_matrix(f_in, f_out, pool), expected_gram)
     assert torch.allclose(_pool_to(odd, (3, 4), pool), expected_odd, atol=1e-6)  # sizes that do not divide: same windows
-    loss = HintLoss(HintParams(regressor="never"))
+    loss = HintLoss(HintParams(regressor="never", hint_layer="hint"))
     loss.setup(ModelOutput(student, {"hint": student}), [ModelOutput(teacher, {"hint": teacher})])
     assert torch.equal(loss(ModelOutput(student, {"hint": student}), [ModelOutput(teacher, {"hint": teacher})], None), expected_hint)
 
