@@ -273,7 +273,14 @@ def folder_lock(folder: str, name: str, busy: str, fix: str):
         handle.close()
 
 def _entries(path: str) -> list[str]:
-    return [name for name in os.listdir(path) if name != LOCK_FILE]
+    """What a folder holds besides this engine's own lock and the temporaries of an
+    atomic write that a killed process left behind (SIGKILL skips their clean-up):
+    a run killed while it created its folder is then continued, not refused."""
+    return [name for name in os.listdir(path) if name != LOCK_FILE and not _leftover_temporary(name)]
+
+
+def _leftover_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # atomic_write's mkstemp names
 
 
 def _iso(timestamp: float) -> str:

@@ -88,12 +88,24 @@ scheme = {{ name = "ensemble", teachers = ["teacher", "teacher2"], aggregate = "
 model = {{ name = "svgg5", {LEVEL} }}
 
 [[stages]]
+id = "ab"
+scheme = {{ name = "ab", teacher = "teacher", init_epochs = 1 }}
+model = {{ name = "svgg5", {LEVEL} }}
+
+[[stages]]
+id = "ft"
+scheme = {{ name = "ft", teacher = "teacher", init_epochs = 1 }}
+model = {{ name = "svgg5", {LEVEL} }}
+loss = {{ name = "ft" }}
+
+[[stages]]
 id = "nkd"
 scheme = {{ name = "nkd", teacher = "teacher" }}
 model = {{ name = "svgg5", {LEVEL} }}
 """
 
-SCHEMES = {"scratch", "kd", "pyramid-forward", "pyramid-backward", "fitnet", "gram-direct", "kd-chain", "ensemble", "nkd"}
+SCHEMES = {"scratch", "kd", "pyramid-forward", "pyramid-backward", "fitnet", "gram-direct", "kd-chain", "ensemble", "ab", "ft",
+           "nkd"}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +139,7 @@ def test_every_scheme_trains_under_each_precision(precision, channels_last, dkd_
     overrides = [f"train.precision={precision}", f"train.channels_last={str(channels_last).lower()}"]
     summary = testing.run_tiny(RECIPE, overrides=overrides, extra_plugins=[dkd_plugin], workdir=tmp_path)
     stages = {stage["stage"]: stage for stage in summary["stages"]}
-    assert len(stages) == 16
+    assert len(stages) == 20  # ab and ft plan two stages each
     for stage_id, stage in stages.items():
         assert stage["epochs"] == 1, stage_id
         assert math.isfinite(stage["test_acc"]), stage_id

@@ -188,3 +188,19 @@ def test_multi_seed_run_reports_mean_and_std(write_recipe, tmp_path, cli):
         assert stage["test_acc"]["mean"] == pytest.approx(sum(per_seed) / 3)
     assert "test % (mean ± std)" in result.out
     assert cli("run", recipe, "--seeds", "0,0").code == 1
+
+
+def test_a_run_killed_while_creating_its_folder_is_continued(tmp_path, write_recipe, cli):
+    """SIGKILL between mkstemp and rename leaves `.recipe.toml.<random>.tmp` behind (no
+    clean-up runs); the same command again must start the run, not refuse the folder."""
+    recipe = write_recipe(TINY_RECIPE)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".recipe.toml.k3j9x2.tmp").write_text("partial")
+    (out / ".lock").write_text("")
+    result = cli("run", recipe, "--output", out, "--quiet")
+    assert result.code == 0, result.err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    refused = cli("run", recipe, "--output", tmp_path / "other", "--quiet")
+    assert refused.code == 1 and "holds no pyramidkd run" in refused.err
