@@ -17,14 +17,20 @@ from test_datasets import write_cifar100
 
 FOLDER = RECIPES / "cifar100-kd"
 BENCHMARK = FOLDER / "benchmark.toml"
-# Every method of the issue but FitNet, which no stage can express for these students yet
-# (the fitnet scheme plans SVGG levels; the hint loss has no CE term): see the recipes' header.
+# Every method of the issue, FitNet as one kd-scheme stage (CE + 100 x hint through ConvReg).
 METHODS = ["scratch", "kd", "kd-standardize", "dkd", "dist", "at", "nst", "sp", "pkt", "rkd", "cc", "vid", "kdsvd",
-           "ofd", "reviewkd", "crd", "ab", "ft"]
+           "ofd", "reviewkd", "crd", "ab", "ft", "fitnet"]
 SAME_CHANNELS = {"resnet56-resnet20", "resnet110-resnet32", "resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2", "vgg13_bn-vgg8_bn"}
 SAME_SIZES = SAME_CHANNELS | {"wrn_40_2-wrn_40_1"}
 DKD_BETA = {"resnet56-resnet20": 2.0, "resnet110-resnet32": 2.0, "vgg13_bn-mobilenetv2": 6.0, "vgg13_bn-vgg8_bn": 6.0,
             "wrn_40_2-wrn_16_2": 6.0, "wrn_40_2-wrn_40_1": 6.0}  # mdistiller configs/cifar100/dkd/*.yaml; else 8
+# The authors' --kd-loss-weight (dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh); pairs it lacks keep 5.0.
+REVIEWKD_WEIGHT = {"resnet56-resnet20": 0.6, "resnet110-resnet32": 1.0, "resnet32x4-resnet8x4": 5.0, "resnet32x4-shufflenetv1": 5.0,
+                   "resnet32x4-shufflenetv2": 8.0, "wrn_40_2-wrn_16_2": 5.0, "wrn_40_2-wrn_40_1": 5.0, "wrn_40_2-shufflenetv1": 5.0}
+# FitNet's top-1 in the CRD paper, Tables 1-2 (RepDistiller README).
+FITNET = {"resnet56-resnet20": 69.21, "resnet110-resnet32": 71.06, "resnet32x4-resnet8x4": 73.50, "wrn_40_2-wrn_16_2": 73.58,
+          "wrn_40_2-wrn_40_1": 72.24, "vgg13_bn-vgg8_bn": 71.02, "vgg13_bn-mobilenetv2": 64.14, "resnet50-mobilenetv2": 63.16,
+          "resnet50-vgg8_bn": 70.69, "resnet32x4-shufflenetv1": 73.59, "resnet32x4-shufflenetv2": 73.54, "wrn_40_2-shufflenetv1": 73.73}
 
 
 def expected_methods(pair: str) -> list[str]:
@@ -68,10 +74,16 @@ def test_each_methods_recipe_holds_the_pairs_methods_on_its_schedule_with_publis
     loss = stages["kd-standardize"]["loss"]
     assert loss["standardize"] is True and (loss["temperature"], loss["kd_weight"], loss["ce_weight"]) == (2.0, 9.0, 0.1)
     assert stages["crd"]["loss"] == {"name": "crd", "mode": "exact"}
+    assert stages["fitnet"]["loss"] == {"name": "hint", "ce_weight": 1.0, "feat_weight": 100.0, "hint_layer": "feat.2",
+                                        "regressor": "convreg"}
+    review = stages["reviewkd"]["loss"]
+    assert (review if isinstance(review, str) else review["name"]) == "reviewkd"
+    assert (5.0 if isinstance(review, str) else review["reviewkd_weight"]) == REVIEWKD_WEIGHT.get(pair, 5.0)
     reference = recipe["reference"]
     assert set(reference) <= set(stages) and all(50.0 < value < 80.0 for value in reference.values())
     assert (reference["scratch"], reference["kd"]) == (single["reference"]["student"], single["reference"]["kd"])
-    assert {"at", "sp", "pkt", "rkd", "cc", "vid", "nst", "crd", "ft"} <= set(reference)
+    assert {"at", "sp", "pkt", "rkd", "cc", "vid", "nst", "crd", "ft", "fitnet"} <= set(reference)
+    assert reference["fitnet"] == FITNET[pair]
     assert ("dkd" in reference) == (pair != "resnet50-vgg8_bn")  # the DKD paper's tables leave this pair out
     assert not {"kd-standardize", "dist", "ofd", "reviewkd", "kdsvd"} & set(reference)  # no figure from these papers
     text = (FOLDER / "methods" / f"{pair}.toml").read_text()
@@ -81,7 +93,7 @@ def test_each_methods_recipe_holds_the_pairs_methods_on_its_schedule_with_publis
 def test_the_published_figures_are_the_papers(pair="resnet32x4-resnet8x4"):
     reference = methods_recipe(pair)["reference"]
     assert reference == {"scratch": 72.5, "kd": 73.33, "at": 73.44, "nst": 73.3, "sp": 72.94, "pkt": 73.64, "rkd": 71.9,
-                         "cc": 72.97, "vid": 73.09, "crd": 75.51, "ab": 73.17, "ft": 72.86, "dkd": 76.32}
+                         "cc": 72.97, "vid": 73.09, "crd": 75.51, "ab": 73.17, "ft": 72.86, "dkd": 76.32, "fitnet": 73.5}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +143,20 @@ def test_the_sweep_validates_for_one_teachers_pairs_and_its_recipe_with_a_teache
     teachers = [arg for stage in expected_methods(pair)[1:] for arg in ("--set", f"stages.{stage}.scheme.teacher={checkpoint}")]
     checked = cli("validate", FOLDER / "methods" / f"{pair}.toml", "--set", f"dataset.root={cifar100_root}", *TINY, *teachers)
     assert checked.code == 0, checked.err
-    assert f"ok — 20 stage(s)" in checked.out and f"crd: model wrn_16_2, loss crd, teacher {checkpoint}" in checked.out
+    assert f"ok — 21 stage(s)" in checked.out and f"crd: model wrn_16_2, loss crd, teacher {checkpoint}" in checked.out
+    assert f"fitnet: model wrn_16_2, loss hint, teacher {checkpoint}" in checked.out
+    # Across families, wrn_40_2 -> shufflenetv1: ConvReg maps the student's 8x8 feat.2 onto the teacher's
+    # 16x16 one (a transposed conv); a guided layer four times smaller than the hint has no ConvReg and
+    # is refused before training, naming the stage.
+    pair = "wrn_40_2-shufflenetv1"
+    teachers = [arg for stage in expected_methods(pair)[1:] for arg in ("--set", f"stages.{stage}.scheme.teacher={checkpoint}")]
+    args = ("validate", FOLDER / "methods" / f"{pair}.toml", "--set", f"dataset.root={cifar100_root}", *TINY, *teachers)
+    checked = cli(*args)
+    assert checked.code == 0, checked.err
+    assert f"fitnet: model shufflenetv1, loss hint, teacher {checkpoint}" in checked.out
+    refused = cli(*args, "--set", "stages.fitnet.loss.guided_layer=feat.3")
+    assert refused.code != 0
+    assert "stage 'fitnet'" in refused.err and "ConvReg needs a student map larger, equal, twice or half" in refused.err
 
 
 @pytest.mark.slow

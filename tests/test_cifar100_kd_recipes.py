@@ -1,7 +1,8 @@
 """recipes/cifar100-kd/: the standard CIFAR-100 KD table (CRD, ICLR 2020) — one teacher
 recipe per teacher, one scratch + KD recipe per pair — runs and validates on data in
 CIFAR-100's real on-disk format (written here), with the literature's schedule and the
-published accuracies in [reference]."""
+published accuracies in [reference]; each pair's one-stage FitNet of methods/<pair>.toml validates
+with the trained teacher (its ConvReg fits the pair's feat.2 maps)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tomllib
 import pytest
 
 from conftest import RECIPES
+from pyramidkd.engine.recipe import dump_toml
 from test_datasets import write_cifar100
 
 FOLDER = RECIPES / "cifar100-kd"
@@ -66,6 +68,21 @@ def test_teacher_recipes_train_and_every_pair_of_theirs_validates_with_the_teach
         assert checked.code == 0, (pair, checked.err)
         student = pair.split("-")[1]
         assert f"kd: model {student}, loss kd, teacher {checkpoint}" in checked.out, checked.out
+        # FitNet of the benchmark's methods recipe (CE + 100 x hint through ConvReg): its feat.2 maps fit.
+        fitnet = fitnet_only(pair, tmp_path)
+        checked = cli("validate", fitnet, "--set", f"dataset.root={cifar100_root}", "--set", f"stages.fitnet.scheme.teacher={checkpoint}", *TINY)
+        assert checked.code == 0, (pair, checked.err)
+        assert f"fitnet: model {student}, loss hint, teacher {checkpoint}" in checked.out, checked.out
+
+
+def fitnet_only(pair: str, folder) -> str:
+    """methods/<pair>.toml with its fitnet stage only."""
+    recipe = tomllib.loads((FOLDER / "methods" / f"{pair}.toml").read_text())
+    recipe["stages"] = [stage for stage in recipe["stages"] if stage["id"] == "fitnet"]
+    recipe["reference"] = {"fitnet": recipe["reference"]["fitnet"]}
+    path = folder / f"{pair}-fitnet.toml"
+    path.write_text(dump_toml(recipe))
+    return str(path)
 
 
 @pytest.mark.parametrize("teacher", sorted(LARGE))

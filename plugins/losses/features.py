@@ -15,7 +15,9 @@ Pyramid schemes tap by module path:
 * ``hint`` — the student's ``guided_layer`` (default: the same name) against the
   teacher's ``hint_layer`` (default ``feat.2``); a 1×1-conv regressor maps the
   channels and the larger map is pooled to the smaller, so any pair of models works
-  (``fitnet`` sets ``hint_layer = "hint"``, the layer it taps itself).
+  (``fitnet`` sets ``hint_layer = "hint"``, the layer it taps itself), or, with
+  ``regressor = "convreg"``, the CRD code base's regressor (see :class:`HintLoss`);
+  ``ce_weight`` / ``feat_weight`` make it FitNet in one stage of the kd scheme.
 
 All are mean-reduced, so their scale does not depend on the batch or feature size.
 ``kd-ensemble`` uses logits only.
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyramidkd.engine import FieldValueError, Loss, ModelOutput, UserError, hookimpl, ops
+from pyramidkd.engine import FieldValueError, Loss, ModelOutput, UserError, hookimpl, non_negative, ops
 from pyramidkd.plugins.losses.distillation import KDLoss, KDParams
 
 
@@ -237,17 +239,56 @@ class GramLoss(FeatureLoss):
 
 @attrs.define
 class HintParams:
-    regressor: Literal["auto", "always", "never"] = attrs.field(
-        default="auto", metadata={"help": "1×1-conv regressor on the student's guided layer: auto = only where channels differ"}
+    regressor: Literal["auto", "always", "never", "convreg"] = attrs.field(
+        default="auto", metadata={"help": "1×1-conv regressor on the student's guided layer: auto = only where channels differ "
+                                          "(the larger map then pooled to the smaller), always, never; convreg = the CRD code "
+                                          "base's ConvReg instead (conv + BN + ReLU, sized to the teacher's map)"}
     )
     # "was": 0.2.0's hint loss read the tap named "hint"; such stages keep their fingerprint.
     hint_layer: str = attrs.field(default="feat.2", metadata={"since": "0.3.0", "was": "hint",
         "help": 'the teacher\'s hint layer, a tap point such as "feat.2" or "preact.3" (FitNet: a middle stage)'})
     guided_layer: str = attrs.field(default="", metadata={"since": "0.3.0", "help": "the student's guided layer (default: hint_layer)"})
+    ce_weight: float = attrs.field(default=0.0, validator=non_negative, metadata={"since": "0.4.0",
+        "help": "weight of the cross-entropy term (0: the pure hint term, as a hint stage; FitNet in one stage: 1)"})
+    feat_weight: float = attrs.field(default=1.0, validator=non_negative, metadata={"since": "0.4.0",
+        "help": "weight of the hint MSE (FitNet in one stage, the CRD code base: 100)"})
+
+
+def convreg_conv(student: Sequence[int], teacher: Sequence[int]) -> nn.Module | None:
+    """The convolution of the CRD code base's ``ConvReg`` that maps a student map
+    [C, H, W] onto the teacher's, or ``None`` where its rules have none: a 3×3
+    stride-2 conv when the student's map is twice the teacher's, a 4×4 stride-2
+    transposed conv when it is half, a valid conv of kernel 1 + H_s − H_t (1×1 at
+    equal sizes) when it is larger."""
+    (c_s, *size_s), (c_t, *size_t) = student, teacher
+    if all(s == 2 * t for s, t in zip(size_s, size_t)):
+        return nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+    if all(2 * s == t for s, t in zip(size_s, size_t)):
+        return nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+    if all(s >= t for s, t in zip(size_s, size_t)):
+        return nn.Conv2d(c_s, c_t, kernel_size=tuple(1 + s - t for s, t in zip(size_s, size_t)))
+    return None
 
 
 class HintLoss(FeatureLoss):
-    """FitNet hint (Romero et al. 2015): MSE between a regressed student layer and the teacher's hint layer."""
+    """FitNet hint (Romero et al. 2015): ce_weight · CE + feat_weight · MSE(regressor(guided layer), hint layer).
+
+    The defaults (CE 0, weight 1) are the pure hint term of a hint stage (the fitnet
+    scheme's). FitNet as the CRD code base trains it (RepDistiller ``train_student.py``,
+    ``--distill hint -r 1 -a 0 -b 100``: one stage, ``hint_layer = 2``) is
+    ``{ name = "hint", ce_weight = 1.0, feat_weight = 100.0, regressor = "convreg" }``
+    in a kd-scheme stage: feat.2 is the same point (the second stage's output).
+
+    The regressor. RepDistiller ``models/util.py`` ``ConvReg`` is always present and
+    is conv → BatchNorm → ReLU, its conv chosen by the spatial sizes: a 3×3 stride-2
+    conv when the student's map is twice the teacher's, a 4×4 stride-2 transposed conv
+    when it is half, else a valid conv of kernel 1 + H_s − H_t (so a 1×1 conv at equal
+    sizes, not a 3×3); smaller by another factor it has none. ``regressor = "convreg"``
+    builds exactly that (and refuses the last case before training). ``auto`` (the
+    default, older stages' behaviour) instead adds a bare 1×1 conv only where the
+    channels differ and average-pools the larger map to the smaller, so any pair of
+    maps works; on maps of equal sizes the two differ only by convreg's BN + ReLU.
+    """
 
     name = "hint"
     Params = HintParams
@@ -278,6 +319,12 @@ class HintLoss(FeatureLoss):
             )
         if self.params.regressor == "never" and s[0] != t[0]:
             raise self.channel_error(s[0], t[0])
+        if self.params.regressor == "convreg" and convreg_conv(s, t) is None:
+            raise UserError(
+                f"loss 'hint': regressor = \"convreg\" cannot map the student's guided layer {tuple(s)} onto the teacher's "
+                f"hint layer {tuple(t)}: the CRD code base's ConvReg needs a student map larger, equal, twice or half the teacher's",
+                fix='set regressor = "auto" (a 1×1 conv and pooling fit any sizes) or a hint_layer / guided_layer of matching sizes',
+            )
 
     def channel_error(self, ours: int, theirs: int) -> UserError:
         return UserError(
@@ -288,7 +335,18 @@ class HintLoss(FeatureLoss):
     def setup(self, student, teachers):
         s, t = self.maps(student, teachers)
         mode = self.params.regressor
-        if mode == "always" or (mode == "auto" and s.shape[1] != t.shape[1]):
+        if self.params.ce_weight > 0 and student.logits.dim() != 2:
+            raise UserError(
+                f"loss 'hint': ce_weight = {self.params.ce_weight:g} needs the student's class logits [N, classes], "
+                f"but this stage's model ends in a {tuple(student.logits.shape[1:])} map (a hint stage's partial model)",
+                fix="set ce_weight = 0 in a hint stage (the fitnet scheme's stage1_loss), or use the loss in a kd-scheme stage",
+            )
+        if mode == "convreg":
+            # check_features refuses the sizes ConvReg has no conv for, naming the fix.
+            self.check_features({self.student_taps()[0]: tuple(s.shape[1:])}, {self.params.hint_layer: tuple(t.shape[1:])})
+            conv = convreg_conv(tuple(s.shape[1:]), tuple(t.shape[1:]))
+            self.regressor = nn.Sequential(conv, nn.BatchNorm2d(t.shape[1]), nn.ReLU())
+        elif mode == "always" or (mode == "auto" and s.shape[1] != t.shape[1]):
             self.regressor = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
         elif s.shape[1] != t.shape[1]:
             raise self.channel_error(s.shape[1], t.shape[1])
@@ -301,7 +359,10 @@ class HintLoss(FeatureLoss):
             size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
             s, t = _pool_to(s, size, "avg"), _pool_to(t, size, "avg")
         _same_shape(s, t, self.name, self.params.hint_layer)
-        return F.mse_loss(s, t)
+        loss = self.params.feat_weight * F.mse_loss(s, t)
+        if self.params.ce_weight > 0:
+            loss = loss + self.params.ce_weight * F.cross_entropy(student.logits.float(), targets)
+        return loss
 
 
 @attrs.define
