@@ -6,6 +6,7 @@ BUILTIN_PLUGINS = (
     "pyramidkd.plugins.schemes.pyramid",
     "pyramidkd.plugins.schemes.hints",
     "pyramidkd.plugins.schemes.multistage",
+    "pyramidkd.plugins.schemes.qat",
     "pyramidkd.plugins.losses.classification",
     "pyramidkd.plugins.losses.distillation",
     "pyramidkd.plugins.losses.features",

@@ -99,13 +99,17 @@ model = {{ name = "svgg5", {LEVEL} }}
 loss = {{ name = "ft" }}
 
 [[stages]]
+id = "qat"
+scheme = {{ name = "qat-kd", student = "kd" }}
+
+[[stages]]
 id = "nkd"
 scheme = {{ name = "nkd", teacher = "teacher" }}
 model = {{ name = "svgg5", {LEVEL} }}
 """
 
 SCHEMES = {"scratch", "kd", "pyramid-forward", "pyramid-backward", "fitnet", "gram-direct", "kd-chain", "ensemble", "ab", "ft",
-           "nkd"}
+           "nkd", "qat-kd"}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,7 @@ def test_every_scheme_trains_under_each_precision(precision, channels_last, dkd_
     overrides = [f"train.precision={precision}", f"train.channels_last={str(channels_last).lower()}"]
     summary = testing.run_tiny(RECIPE, overrides=overrides, extra_plugins=[dkd_plugin], workdir=tmp_path)
     stages = {stage["stage"]: stage for stage in summary["stages"]}
-    assert len(stages) == 20  # ab and ft plan two stages each
+    assert len(stages) == 21  # ab and ft plan two stages each
     for stage_id, stage in stages.items():
         assert stage["epochs"] == 1, stage_id
         assert math.isfinite(stage["test_acc"]), stage_id
