@@ -136,13 +136,13 @@ def outcome_file(job_file: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pyramidkd.engine.sweeps.jobs JOB.json``: run one job in a fresh
+    """``python -m pyramidkd.engine.sweeps JOB.json`` (``engine/sweeps/__main__.py``): run one job in a fresh
     process and write ``JOB.json.outcome.json`` (the local launcher's worker)."""
     from ..rundir import atomic_write_json
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pyramidkd.engine.sweeps.jobs JOB.json", file=sys.stderr)
+        print("usage: python -m pyramidkd.engine.sweeps JOB.json", file=sys.stderr)
         return 2
     with open(args[0], encoding="utf-8") as handle:
         job = RunJob.from_dict(json.load(handle))

@@ -6,7 +6,7 @@
     threads = 4          # torch CPU threads per run (default: the CPUs split between workers)
     gpus = [0, 1]        # GPUs by index among the visible ones (default: every visible GPU when there are several)
 
-Each run is a fresh ``python -m pyramidkd.engine.sweeps.jobs JOB.json`` process,
+Each run is a fresh ``python -m pyramidkd.engine.sweeps JOB.json`` process,
 so a run that crashes (or is killed) takes no other run with it: it is reported
 as failed with its exit code or signal. The children die with the sweep process,
 even when that one is killed by SIGKILL (Linux), and a re-run continues them from
@@ -43,7 +43,7 @@ import attrs
 
 from pyramidkd.engine import FieldValueError, JobOutcome, Launcher, RunJob, UserError, hookimpl, outcome_file, positive, write_job_file
 
-JOB_MODULE = "pyramidkd.engine.sweeps.jobs"  # `python -m` it with a job file: one run, then an outcome file
+JOB_MODULE = "pyramidkd.engine.sweeps"  # `python -m` it with a job file: one run, then an outcome file
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # A Ctrl-C while the children stop sends the next signal: the first asks runs to
