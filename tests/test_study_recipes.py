@@ -46,27 +46,41 @@ def _table_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-def test_the_committed_cifar10_study_json_and_markdown_agree():
-    """docs/results/cifar10-study.md shows the table the committed results.json gives
-    (regenerated here, row for row), and the README's headline rows are rows of it."""
+# (results JSON, its sweep command, the README's Results subsection that quotes it, seeds)
+COMMITTED_STUDIES = {
+    "cifar10-study": ("pyramidkd sweep recipes/cifar10-jpeg/study.toml", "### The Pyramid study", [0, 1, 2, 3]),
+    "cifar10-methods": ("pyramidkd sweep recipes/cifar10-jpeg/methods-sweep.toml", "### The method zoo", [0, 1, 2, 3]),
+}
+
+
+def _readme_subsection(title: str) -> str:
+    readme = (RECIPES.parent / "README.md").read_text()
+    results_section = readme.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    assert title in results_section, f"the README's Results section has no subsection {title!r}"
+    return results_section.split(title, 1)[1].split("\n### ", 1)[0]
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED_STUDIES))
+def test_a_committed_study_json_and_markdown_agree(name):
+    """docs/results/<study>.md shows the table the committed JSON gives (regenerated
+    here, row for row), and the README's headline rows are rows of it."""
     import json
 
     from pyramidkd.engine.formatting import format_markdown_table
     from pyramidkd.engine.sweeps.results import METHOD_RIGHT, methods_table_rows
 
-    results = json.loads((DOCS / "cifar10-study.json").read_text())
-    assert results["name"] == "cifar10-study" and results["seeds"] == [0, 1, 2, 3]
+    command, subsection, seeds = COMMITTED_STUDIES[name]
+    results = json.loads((DOCS / f"{name}.json").read_text())
+    assert results["name"] == name and results["seeds"] == seeds
     cell = results["cells"][0]
-    assert cell["seeds"] == [0, 1, 2, 3] and not cell["failed"] and not cell["missing"]
+    assert cell["seeds"] == seeds and not cell["failed"] and not cell["missing"]
     table = format_markdown_table(methods_table_rows(results), right=METHOD_RIGHT)
-    document = (DOCS / "cifar10-study.md").read_text()
+    document = (DOCS / f"{name}.md").read_text()
     assert table in document
-    assert "pyramidkd sweep recipes/cifar10-jpeg/study.toml" in document
-    assert (DOCS / "cifar10-study.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    readme = (RECIPES.parent / "README.md").read_text()
-    results_section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
-    headline = _table_lines(results_section)[2:]  # past the header and its rule
-    assert headline, "the README's Results section has no table"
+    assert command in document
+    assert (DOCS / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    headline = _table_lines(_readme_subsection(subsection))[2:]  # past the header and its rule
+    assert headline, f"the README's {subsection!r} has no table"
     rows = set(_table_lines(table))
     for line in headline:
-        assert line in rows, f"README row not in the study's table: {line}"
+        assert line in rows, f"README row not in the {name} table: {line}"
