@@ -96,7 +96,7 @@ def test_convreg_follows_the_crd_code_bases_shape_rules_and_formula(student_shap
     assert mapped.shape == teacher.shape
     expected = F.cross_entropy(logits, targets) + 100.0 * ((mapped - teacher) ** 2).mean()
     torch.testing.assert_close(value, expected.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_s, torch.autograd.grad(expected, leaf)[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad_s, torch.autograd.grad(expected, leaf)[0], rtol=1e-4, atol=1e-6)  # summation order differs by CPU
 
 
 @pytest.mark.parametrize("regressor", ["convreg", "auto"])
