@@ -46,16 +46,22 @@ def _table_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-# (results JSON, its sweep command, the README's Results subsection that quotes it, seeds)
+# (results JSON, its sweep command, the README's Results subsection that quotes it or None
+# where the README only links the document, seeds)
 COMMITTED_STUDIES = {
-    "cifar10-study": ("pyramidkd sweep recipes/cifar10-jpeg/study.toml", "### The Pyramid study", [0, 1, 2, 3]),
+    "cifar10-study": ("pyramidkd sweep recipes/cifar10-jpeg/study.toml", None, [0, 1, 2, 3]),
     "cifar10-methods": ("pyramidkd sweep recipes/cifar10-jpeg/methods-sweep.toml", "### The method zoo", [0, 1, 2, 3]),
+    "cifar10-study2": ("pyramidkd sweep recipes/cifar10-jpeg/study2.toml", "### The Pyramid study on CIFAR-10", [0, 1, 2]),
 }
 
 
-def _readme_subsection(title: str) -> str:
+def _results_section() -> str:
     readme = (RECIPES.parent / "README.md").read_text()
-    results_section = readme.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    return readme.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+
+
+def _readme_subsection(title: str) -> str:
+    results_section = _results_section()
     assert title in results_section, f"the README's Results section has no subsection {title!r}"
     return results_section.split(title, 1)[1].split("\n### ", 1)[0]
 
@@ -63,7 +69,8 @@ def _readme_subsection(title: str) -> str:
 @pytest.mark.parametrize("name", sorted(COMMITTED_STUDIES))
 def test_a_committed_study_json_and_markdown_agree(name):
     """docs/results/<study>.md shows the table the committed JSON gives (regenerated
-    here, row for row), and the README's headline rows are rows of it."""
+    here, row for row), and the README's headline rows are rows of it (or the README
+    links the document)."""
     import json
 
     from pyramidkd.engine.formatting import format_markdown_table
@@ -72,15 +79,43 @@ def test_a_committed_study_json_and_markdown_agree(name):
     command, subsection, seeds = COMMITTED_STUDIES[name]
     results = json.loads((DOCS / f"{name}.json").read_text())
     assert results["name"] == name and results["seeds"] == seeds
-    cell = results["cells"][0]
-    assert cell["seeds"] == seeds and not cell["failed"] and not cell["missing"]
+    for cell in results["cells"]:
+        assert cell["seeds"] == seeds and not cell["failed"] and not cell["missing"], cell["id"]
     table = format_markdown_table(methods_table_rows(results), right=METHOD_RIGHT)
     document = (DOCS / f"{name}.md").read_text()
     assert table in document
     assert command in document
     assert (DOCS / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    if subsection is None:
+        assert f"(docs/results/{name}.md)" in _results_section(), f"the README's Results section does not link {name}.md"
+        return
     headline = _table_lines(_readme_subsection(subsection))[2:]  # past the header and its rule
     assert headline, f"the README's {subsection!r} has no table"
     rows = set(_table_lines(table))
     for line in headline:
         assert line in rows, f"README row not in the {name} table: {line}"
+
+
+# The second study's other paired comparisons (docs/results/cifar10-study2.md), from the same JSON.
+STUDY2_PAIRS = [("pyramid-fwd-mse.svgg5", "svgg5-compute-matched"), ("pyramid-bwd-mse.svgg5", "svgg5-compute-matched"),
+                ("reviewkd", "svgg5-compute-matched"), ("pyramid-fwd-mse.svgg5", "kd"), ("pyramid-fwd-mse.svgg5", "sp"),
+                ("pyramid-fwd-mse.svgg5", "reviewkd"), ("pyramid-fwd-mse.svgg5", "pyramid-bwd-mse.svgg5")]
+
+
+def test_the_second_study_pairs_table_is_regenerated_from_its_json():
+    import json
+
+    from pyramidkd.engine.formatting import format_markdown_table
+    from pyramidkd.engine.sweeps.results import format_comparison
+    from pyramidkd.engine.sweeps.stats import paired_comparison
+
+    results = json.loads((DOCS / "cifar10-study2.json").read_text())
+    stages = {stage_id: stage for cell in results["cells"] for stage_id, stage in cell["stages"].items()}
+
+    def by_seed(stage_id: str) -> dict[int, float]:
+        return dict(zip(results["seeds"], stages[stage_id]["test_acc"]["values"], strict=True))
+
+    rows = [{"stage": ours, "against": theirs,
+             "Δ (points), paired by seed": format_comparison(paired_comparison(by_seed(ours), by_seed(theirs)))}
+            for ours, theirs in STUDY2_PAIRS]
+    assert format_markdown_table(rows) in (DOCS / "cifar10-study2.md").read_text()
