@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -78,3 +81,19 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@contextlib.contextmanager
+def recipe_with_plugin(folder: Path, module: str, plugin_source: str, recipe_text: str | None = None) -> Iterator[Path]:
+    """Write a test plugin ``<module>.py`` (and, given, ``recipe.toml``) into ``folder``;
+    yield the recipe's path (the folder without one), then forget the imported module so
+    that the next test's copy is the one loaded."""
+    (folder / f"{module}.py").write_text(plugin_source)
+    path = folder
+    if recipe_text is not None:
+        path = folder / "recipe.toml"
+        path.write_text(recipe_text)
+    try:
+        yield path
+    finally:
+        sys.modules.pop(module, None)

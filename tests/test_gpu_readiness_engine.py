@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from conftest import recipe_with_plugin
 from pyramidkd import testing
 from pyramidkd.engine import Augmentation, TensorSplit
 from pyramidkd.engine.data.batches import TensorBatches
@@ -86,9 +87,8 @@ def pyramidkd_register_losses():
 
 @pytest.fixture
 def helpers(tmp_path):
-    (tmp_path / "gpu_ready_helpers.py").write_text(HELPERS)
-    yield tmp_path
-    sys.modules.pop("gpu_ready_helpers", None)
+    with recipe_with_plugin(tmp_path, "gpu_ready_helpers", HELPERS) as folder:
+        yield folder
 
 
 def helper_recipe(folder, **parts) -> str:
@@ -343,10 +343,7 @@ def test_deferred_nan_check_names_the_step_and_saves_no_nan_weights(tmp_path, cl
     first non-finite loss, keeps the last good checkpoint and never saves NaN weights."""
     from test_resume import HELPER_PLUGIN, RECIPE
 
-    (tmp_path / "resume_helpers.py").write_text(HELPER_PLUGIN)
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(RECIPE)
-    try:
+    with recipe_with_plugin(tmp_path, "resume_helpers", HELPER_PLUGIN, RECIPE) as recipe:
         out = tmp_path / "stop"
         # step 27 = epoch 2, step 3 of 24: the check reads at step 16 of epoch 2
         result = cli("run", recipe, "--quiet", "--output", out, "--set", 'stages.teacher.loss={name = "nan-at", step = 27}')
@@ -354,8 +351,6 @@ def test_deferred_nan_check_names_the_step_and_saves_no_nan_weights(tmp_path, cl
         assert "stage 'teacher', epoch 2, step 3: the loss is nan; training stopped (found by the check at step 16" in result.err
         last = torch.load(out / "checkpoints" / "teacher" / "last.pt", weights_only=False)
         assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["state_dict"].values())
-    finally:
-        sys.modules.pop("resume_helpers", None)
 
 
 DDP_COUNT_WORKER = '''

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import recipe_with_plugin
 from pyramidkd.engine.cli import main
 from pyramidkd.engine.training.checkpoints import load_checkpoint
 from pyramidkd.plugins.schemes import fake_quant
@@ -148,12 +148,8 @@ def test_attaching_leaves_the_state_dict_and_detaching_restores_the_float_model(
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qat")
-    (folder / "qat_helpers.py").write_text(HELPER_PLUGIN)
-    path = folder / "recipe.toml"
-    path.write_text(RECIPE)
-    yield path
-    sys.modules.pop("qat_helpers", None)
+    with recipe_with_plugin(tmp_path_factory.mktemp("qat"), "qat_helpers", HELPER_PLUGIN, RECIPE) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from conftest import recipe_with_plugin
 from pyramidkd.engine.rundir import RunDirectory
 from pyramidkd.engine.training.checkpoints import load_checkpoint
 
@@ -93,12 +94,8 @@ loss = { name = "kd", temperature = 2.0, alpha = 0.7 }
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("resume")
-    (folder / "resume_helpers.py").write_text(HELPER_PLUGIN)
-    path = folder / "recipe.toml"
-    path.write_text(RECIPE)
-    yield path
-    sys.modules.pop("resume_helpers", None)
+    with recipe_with_plugin(tmp_path_factory.mktemp("resume"), "resume_helpers", HELPER_PLUGIN, RECIPE) as path:
+        yield path
 
 
 def metrics(run_dir) -> list[dict]:
